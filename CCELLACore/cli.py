@@ -1,0 +1,65 @@
+"""The ``ccella`` command: one subcommand per headless job.
+
+Each job lives in its own module exposing ``add_arguments(parser)`` and ``run(args) -> int``; modules are imported
+only when their subcommand runs, so ``ccella --help`` starts fast and needs no torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+from .errors import CCELLAError
+
+__all__ = ["main", "COMMANDS"]
+
+#: subcommand -> (module implementing it, one-line help)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "phantoms": ("CCELLACore.data.phantoms_cli", "write a procedural bpMRI data set (phantom world) in every layout"),
+    "import": ("CCELLACore.data.importers.cli", "detect a data layout (authors' JSON, PI-CAI, Prostate158) and write a manifest"),
+    "preprocess": ("CCELLACore.data.preprocess_cli", "resample, crop/pad around the gland and normalise a manifest's studies"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="ccella",
+        description="CCELLA++ headless jobs: data, training, generation and evaluation for synthetic bpMRI.",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", metavar="<job>")
+    for name, (module, help_text) in COMMANDS.items():
+        sub.add_parser(name, help=help_text, add_help=False)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    # Parse only the global part first; the job's own parser takes the rest.
+    split = next((i for i, a in enumerate(argv) if a in COMMANDS), None)
+    if split is None:
+        args = parser.parse_args(argv)  # prints help / errors for unknown jobs
+        parser.print_help()
+        return 2
+    global_args = parser.parse_args(argv[:split])
+    name = argv[split]
+    module_name, help_text = COMMANDS[name]
+    job_parser = argparse.ArgumentParser(prog=f"ccella {name}", description=help_text)
+    module = importlib.import_module(module_name)
+    module.add_arguments(job_parser)
+    args = job_parser.parse_args(argv[split + 1 :])
+    logging.basicConfig(
+        level=logging.DEBUG if global_args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s"
+    )
+    try:
+        return int(module.run(args) or 0)
+    except CCELLAError as exc:
+        print(f"ccella {name}: error: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
