@@ -1,14 +1,6 @@
-"""Thin wrapper over `ccella import` for `PythonSlicer Training/import_data.py ...` or `python Training/import_data.py ...`.
+"""`ccella import` as a script: `python Training/import_data.py --help` (also `PythonSlicer Training/import_data.py ...`)."""
 
-Run `python Training/import_data.py --help` for the options; the README shows examples.
-"""
-
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
-
-from CCELLACore.cli import main  # noqa: E402
+from _job import run
 
 if __name__ == "__main__":
-    sys.exit(main(["import", *sys.argv[1:]]))
+    run("import")
