@@ -23,6 +23,7 @@ __all__ = [
     "derive_label",
     "Study",
     "Exam",
+    "read_case_volume",
 ]
 
 #: The biparametric sequences, in the order used everywhere (latent channel groups, classifier channels, files).
@@ -127,15 +128,16 @@ class Study:
         for name in wanted:
             if name not in self.images:
                 raise DataError(self.case_id, f"no {name} image")
-            volumes[name] = _read_for_case(self.case_id, self.images[name])
+            volumes[name] = read_case_volume(self.case_id, self.images[name])
         mask_volumes: dict[str, Volume] = {}
         if masks:
             for name, path in self.masks.items():
-                mask_volumes[name] = _read_for_case(self.case_id, path)
+                mask_volumes[name] = read_case_volume(self.case_id, path)
         return Exam(volumes=volumes, masks=mask_volumes, case_id=self.case_id)
 
 
-def _read_for_case(case_id: str, path: Path) -> Volume:
+def read_case_volume(case_id: str, path: Path) -> Volume:
+    """:func:`read_volume` whose errors name the case as well as the file (for batch jobs that go on)."""
     try:
         return read_volume(path)
     except VolumeError as exc:

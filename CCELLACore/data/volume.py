@@ -205,12 +205,46 @@ def read_volume(path: str | Path, *, check_finite: bool = True) -> Volume:
         first = str(exc).strip().splitlines()
         raise VolumeError(path, f"cannot read image ({first[-1] if first else 'unknown error'})") from None
     volume = Volume.from_sitk(image)
+    volume.metadata = _portable_metadata(volume.metadata, volume_format(path))
     if volume.shape[2] == 1 or min(volume.shape) < 1:
         raise VolumeError(path, f"expected a 3D volume, got a single slice of shape {volume.shape}")
-    if check_finite and np.issubdtype(volume.array.dtype, np.floating) and not volume.is_finite():
+    if check_finite and np.issubdtype(volume.array.dtype, np.floating):
         bad = int((~np.isfinite(volume.array)).sum())
-        raise VolumeError(path, f"{bad} NaN/Inf voxel(s)")
+        if not bad and volume_format(path) == "nifti":
+            bad = _nifti_non_finite(path)
+        if bad:
+            raise VolumeError(path, f"{bad} NaN/Inf voxel(s)")
     return volume
+
+
+def _portable_metadata(metadata: dict[str, str], fmt: str) -> dict[str, str]:
+    """The metadata worth keeping from a file: free key/values and the description, not the format's own header
+    fields (NIfTI ``dim[0]``, ``qform_code``, NRRD ``NRRD_space``, ITK bookkeeping), which are junk, and warnings,
+    in another format's header. A NIfTI's ``descrip`` starting with "SYNTHETIC" restores the synthetic mark."""
+    descrip = (metadata.get(NIFTI_DESCRIP_KEY, "") or metadata.get("descrip", "")).strip()
+    if fmt == "nifti":
+        kept = {}
+    else:
+        kept = {k: v for k, v in metadata.items() if v.strip() and not k.startswith(("ITK_", "NRRD_", "Modality"))}
+    if descrip:
+        kept[NIFTI_DESCRIP_KEY] = descrip
+    if descrip.upper().startswith("SYNTHETIC"):
+        kept[SYNTHETIC_KEY] = "true"
+    return kept
+
+
+def _nifti_non_finite(path: Path) -> int:
+    """NaN/Inf voxels of a floating-point NIfTI file as stored.
+
+    ITK's NIfTI reader turns NaN into 0 (seen with SimpleITK 2.5), so the array read above cannot show them; nibabel
+    reads the stored values.
+    """
+    import nibabel as nib
+
+    image = nib.load(str(path))
+    if not np.issubdtype(image.get_data_dtype(), np.floating):
+        return 0
+    return int((~np.isfinite(np.asarray(image.dataobj))).sum())
 
 
 def write_volume(volume: Volume, path: str | Path, *, compress: bool = True) -> Path:

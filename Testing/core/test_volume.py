@@ -140,3 +140,20 @@ def test_make_grid_centre():
     grid = make_grid((4, 6, 8), (0.5, 1.0, 2.0), center_lps=(10.0, 20.0, 30.0))
     centre = grid.affine_lps @ np.array([1.5, 2.5, 3.5, 1.0])
     np.testing.assert_allclose(centre[:3], (10.0, 20.0, 30.0))
+
+
+def test_nan_in_nifti_is_caught_although_itk_reads_it_as_zero(tmp_path):
+    array = np.ones((4, 4, 4), np.float32)
+    array[1, 1, 1] = np.nan
+    nib.save(nib.Nifti1Image(array, np.eye(4)), tmp_path / "nan.nii.gz")
+    with pytest.raises(VolumeError, match="nan.nii.gz: 1 NaN/Inf"):
+        read_volume(tmp_path / "nan.nii.gz")
+
+
+def test_format_header_fields_are_not_carried_between_formats(tmp_path):
+    vol = _oblique_volume()
+    vol.metadata["CCELLA_note"] = "kept"
+    back = read_volume(write_volume(vol, tmp_path / "a.nii.gz"))
+    assert not any(k.startswith(("dim[", "qform", "pixdim")) for k in back.metadata)
+    back = read_volume(write_volume(vol, tmp_path / "a.nrrd"))
+    assert back.metadata == {"CCELLA_note": "kept"}

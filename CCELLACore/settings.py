@@ -1,0 +1,59 @@
+"""Project-level settings: one frozen dataclass per component section, loaded from a YAML config.
+
+``load_config("paper")`` reads ``CCELLACore/configs/paper.yaml``; a section or key missing from the YAML takes the
+dataclass default (= the paper's value); an unknown key or a wrong type is a :class:`~CCELLACore.errors.ConfigError`
+naming the dotted key and the file.
+
+Adding a section = one line in :class:`CCELLAConfig` (``name: SectionClass = field(default_factory=SectionClass)``),
+where ``SectionClass`` is the component's own frozen config dataclass (defaults = the paper's values).
+
+Example:
+    >>> cfg = load_config("paper")
+    >>> cfg.preprocess.ldm.grid.size
+    (256, 256, 128)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .config import builtin_config_path, from_dict, load_yaml
+from .data.preprocess import GridConfig, PreprocessConfig
+
+__all__ = ["CCELLAConfig", "PreprocessSection", "load_config", "PREPROCESS_TARGETS"]
+
+
+def _classifier_preprocess() -> PreprocessConfig:
+    # Reference classifier grid (tfproxy*.py): 0.5 x 0.5 x 3.0 mm, padded/cropped to 256 x 256 x 32; it clips and
+    # z-scores itself, so no [0, 1] normalisation here.
+    return PreprocessConfig(grid=GridConfig((256, 256, 32), (0.5, 0.5, 3.0)), normalize=False)
+
+
+@dataclass(frozen=True)
+class PreprocessSection:
+    """Preprocessing per consumer: the latent diffusion model and the csPCa classifier."""
+
+    ldm: PreprocessConfig = field(default_factory=PreprocessConfig)
+    classifier: PreprocessConfig = field(default_factory=_classifier_preprocess)
+
+
+#: ``ccella preprocess --target`` choices.
+PREPROCESS_TARGETS: tuple[str, ...] = ("ldm", "classifier")
+
+
+@dataclass(frozen=True)
+class CCELLAConfig:
+    """The root of a config file; one field per section (add yours here, one line)."""
+
+    preprocess: PreprocessSection = field(default_factory=PreprocessSection)
+
+
+def load_config(name_or_path: str | Path = "paper") -> CCELLAConfig:
+    """Load a shipped config (``"paper"``, ``"tiny"``, ``"demo"``) or a YAML file into :class:`CCELLAConfig`.
+
+    Raises:
+        ConfigError: file not found, invalid YAML, unknown key or wrong type (names the dotted key and the file).
+    """
+    path = builtin_config_path(name_or_path)
+    return from_dict(CCELLAConfig, load_yaml(path), file=path)
