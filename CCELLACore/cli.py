@@ -20,6 +20,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "phantoms": ("CCELLACore.data.phantoms_cli", "write a procedural bpMRI data set (phantom world) in every layout"),
     "import": ("CCELLACore.data.importers.cli", "detect a data layout (authors' JSON, PI-CAI, Prostate158) and write a manifest"),
     "preprocess": ("CCELLACore.data.preprocess_cli", "resample, crop/pad around the gland and normalise a manifest's studies"),
+    "encode": ("CCELLACore.models.encode_cli", "cache text-encoder embeddings of a manifest's reports"),
 }
 
 
