@@ -1,0 +1,161 @@
+"""CCELLA latent diffusion model: the CCELLA adapter and the U-Net, trained end to end.
+
+The adapter reads the report's token features and predicts the exam class; the U-Net is conditioned on the adapter's
+context (cross-attention) and on its class probabilities (embedding), never on the true label, so the denoising loss
+also trains the class head (reference section 3).
+
+For classifier-free guidance, :func:`condition_dropout` replaces a random part of a batch with the null condition
+(the empty-report encoding, decisions.md "Reports"); those items, like exams without a report, are masked out of the
+class loss.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import NamedTuple
+
+import torch
+from torch import nn
+
+from .adapter import AdapterConfig, CCELLAAdapter
+from .unet import CCELLAUNet, UNetConfig
+
+__all__ = ["LDMConfig", "LDMOutput", "CCELLALDM", "ConditionDropout", "condition_dropout"]
+
+
+@dataclass(frozen=True)
+class LDMConfig:
+    """Adapter + U-Net; the adapter's width is the U-Net's context size and both agree on the number of classes."""
+
+    adapter: AdapterConfig = field(default_factory=AdapterConfig)
+    unet: UNetConfig = field(default_factory=UNetConfig)
+
+    def __post_init__(self) -> None:
+        if self.adapter.width != self.unet.cross_attention_dim:
+            raise ValueError(
+                f"adapter.width ({self.adapter.width}) must equal unet.cross_attention_dim "
+                f"({self.unet.cross_attention_dim})"
+            )
+        if self.adapter.num_classes != self.unet.num_classes:
+            raise ValueError(
+                f"adapter.num_classes ({self.adapter.num_classes}) must equal unet.num_classes "
+                f"({self.unet.num_classes})"
+            )
+
+    @classmethod
+    def tiny(cls) -> LDMConfig:
+        return cls(adapter=AdapterConfig.tiny(), unet=UNetConfig.tiny())
+
+
+class LDMOutput(NamedTuple):
+    """prediction: (B, C, X, Y, Z); class_logits: (B, num_classes); class_probs: softmax of the logits."""
+
+    prediction: torch.Tensor
+    class_logits: torch.Tensor
+    class_probs: torch.Tensor
+
+
+class CCELLALDM(nn.Module):
+    """Report-conditioned denoiser: ``adapter(text) -> (context, class logits)``, ``unet(x | t, context, softmax,
+    spacing)``.
+
+    Args:
+        config: see :class:`LDMConfig`.
+    """
+
+    def __init__(self, config: LDMConfig | None = None) -> None:
+        super().__init__()
+        self.config = config = config or LDMConfig()
+        self.adapter = CCELLAAdapter(config.adapter)
+        self.unet = CCELLAUNet(config.unet)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        timesteps: torch.Tensor,
+        spacing: torch.Tensor,
+        text_features: torch.Tensor,
+        text_mask: torch.Tensor,
+    ) -> LDMOutput:
+        """
+        Args:
+            x: (B, C, X, Y, Z) noisy latents.
+            timesteps: (B,) diffusion steps, or a scalar for the whole batch.
+            spacing: (B, 3) voxel spacing of the generated volume in mm.
+            text_features: (B, L, input_dim) report token features (the null encoding for unconditional items).
+            text_mask: (B, L) bool, True for real tokens.
+
+        Returns:
+            :class:`LDMOutput` with the U-Net prediction (B, C, X, Y, Z) and the adapter's class logits and
+            probabilities (B, num_classes).
+        """
+        if timesteps.ndim == 0:
+            timesteps = timesteps.expand(x.shape[0])
+        context, logits = self.adapter(text_features, text_mask, timesteps)
+        # softmax in float32: the probabilities are scaled by 100 before the U-Net's class layer
+        probs = torch.softmax(logits.float(), dim=-1).to(logits.dtype)
+        prediction = self.unet(x, timesteps, context, probs, spacing)
+        return LDMOutput(prediction, logits, probs)
+
+
+class ConditionDropout(NamedTuple):
+    """features: (B, L', D); mask: (B, L') bool; dropped: (B,) bool, True where the null condition was put in."""
+
+    features: torch.Tensor
+    mask: torch.Tensor
+    dropped: torch.Tensor
+
+
+def _pad_tokens(features: torch.Tensor, mask: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pad (B, L, D) features with zeros and (B, L) mask with False up to ``length`` tokens."""
+    extra = length - features.shape[1]
+    if extra <= 0:
+        return features, mask
+    features = torch.cat([features, features.new_zeros(features.shape[0], extra, features.shape[2])], dim=1)
+    mask = torch.cat([mask, mask.new_zeros(mask.shape[0], extra)], dim=1)
+    return features, mask
+
+
+def condition_dropout(
+    text_features: torch.Tensor,
+    text_mask: torch.Tensor,
+    null_features: torch.Tensor,
+    null_mask: torch.Tensor,
+    p: float,
+    generator: torch.Generator | None = None,
+) -> ConditionDropout:
+    """Replace each batch item's report encoding by the null (empty-report) encoding with probability ``p``.
+
+    Args:
+        text_features: (B, L, D) report token features.
+        text_mask: (B, L) bool, True for real tokens.
+        null_features: (L0, D) or (1, L0, D) encoding of the empty report (L0 may differ from L; the shorter one is
+            padded with masked tokens).
+        null_mask: (L0,) or (1, L0) bool.
+        p: drop probability in [0, 1].
+        generator: optional seeded generator (on the CPU or on the features' device) for reproducible draws.
+
+    Returns:
+        :class:`ConditionDropout`; mask the class loss with ``has_report & ~dropped``.
+    """
+    if not 0.0 <= p <= 1.0:
+        raise ValueError(f"condition dropout probability must be in [0, 1], got {p}")
+    if null_features.ndim == 2:
+        null_features, null_mask = null_features[None], null_mask[None]
+    if null_features.ndim != 3 or null_features.shape[0] != 1 or null_features.shape[2] != text_features.shape[2]:
+        raise ValueError(
+            f"null_features must be (L0, {text_features.shape[2]}) or (1, L0, {text_features.shape[2]}), "
+            f"got {tuple(null_features.shape)}"
+        )
+    if null_mask.shape != null_features.shape[:2]:
+        raise ValueError(f"null_mask must be {tuple(null_features.shape[:2])}, got {tuple(null_mask.shape)}")
+    batch = text_features.shape[0]
+    draw_device = generator.device if generator is not None else text_features.device
+    dropped = (torch.rand(batch, generator=generator, device=draw_device) < p).to(text_features.device)
+
+    length = max(text_features.shape[1], null_features.shape[1])
+    features, mask = _pad_tokens(text_features, text_mask, length)
+    null_f, null_m = _pad_tokens(null_features.to(features), null_mask.to(mask.device), length)
+    features = torch.where(dropped[:, None, None], null_f.expand(batch, -1, -1), features)
+    mask = torch.where(dropped[:, None], null_m.expand(batch, -1), mask)
+    return ConditionDropout(features, mask, dropped)
