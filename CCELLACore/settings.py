@@ -20,6 +20,13 @@ from pathlib import Path
 
 from .config import builtin_config_path, from_dict, load_yaml
 from .data.preprocess import GridConfig, PreprocessConfig
+from .data.study import SEQUENCES
+from .models.autoencoder import AutoencoderConfig
+from .models.ldm import LDMConfig
+from .models.losses import LossConfig
+from .models.text_encoder import TextEncoderConfig
+from .sampling.objectives import NoiseScheduleConfig
+from .training.ldm import LDMTrainingConfig
 
 __all__ = ["CCELLAConfig", "PreprocessSection", "load_config", "PREPROCESS_TARGETS"]
 
@@ -44,9 +51,30 @@ PREPROCESS_TARGETS: tuple[str, ...] = ("ldm", "classifier")
 
 @dataclass(frozen=True)
 class CCELLAConfig:
-    """The root of a config file; one field per section (add yours here, one line)."""
+    """The root of a config file; one field per section (add yours here, one line).
 
+    ``sequences`` are the generated sequences in latent channel order: CCELLA++ = AxT2, HighB, ADC; CCELLA = AxT2
+    only (then ``ldm.unet.in_channels`` = 4).
+    """
+
+    sequences: tuple[str, ...] = SEQUENCES
     preprocess: PreprocessSection = field(default_factory=PreprocessSection)
+    text_encoder: TextEncoderConfig = field(default_factory=TextEncoderConfig)
+    autoencoder: AutoencoderConfig = field(default_factory=AutoencoderConfig)
+    ldm: LDMConfig = field(default_factory=LDMConfig)
+    diffusion: NoiseScheduleConfig = field(default_factory=NoiseScheduleConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    train_ldm: LDMTrainingConfig = field(default_factory=LDMTrainingConfig)
+
+    def __post_init__(self) -> None:
+        if not self.sequences or any(s not in SEQUENCES for s in self.sequences):
+            raise ValueError(f"sequences must be a non-empty subset of {list(SEQUENCES)}, got {list(self.sequences)}")
+        channels = self.autoencoder.latent_channels * len(self.sequences)
+        for key, value in (("ldm.unet.in_channels", self.ldm.unet.in_channels),
+                           ("ldm.unet.out_channels", self.ldm.unet.out_channels)):
+            if value != channels:
+                raise ValueError(f"{key} must be {channels} ({len(self.sequences)} sequences x "
+                                 f"{self.autoencoder.latent_channels} latent channels), got {value}")
 
 
 def load_config(name_or_path: str | Path = "paper") -> CCELLAConfig:

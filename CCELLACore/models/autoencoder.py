@@ -32,6 +32,7 @@ __all__ = [
     "load_autoencoder_weights",
     "SequenceAutoencoder",
     "LatentStats",
+    "load_autoencoder_dir",
 ]
 
 
@@ -368,3 +369,29 @@ class LatentStats:
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         self.count, self.mean, self.m2 = (state[k].to(torch.float64).clone() for k in ("count", "mean", "m2"))
+
+
+def load_autoencoder_dir(directory: str | Path, device: torch.device | str = "cpu") -> tuple[nn.Module, dict]:
+    """The ``autoencoder`` component of a model directory (``ccella train-autoencoder`` output, or a CCELLA++ model
+    that embeds its autoencoder), built from the directory's own config; returns ``(model, model.json metadata)``.
+
+    Raises:
+        CCELLAError: no such directory, no ``autoencoder`` section/component, or weights not matching the config.
+    """
+    from ..config import from_dict
+    from ..errors import ConfigError
+    from .serialization import load_model_dir, read_model_config
+
+    directory = Path(directory)
+    config = read_model_config(directory)
+    section = config.get("autoencoder")
+    if not isinstance(section, dict):
+        raise CCELLAError(f"{directory / 'config.yaml'}: no 'autoencoder' section; is this an autoencoder model?")
+    try:
+        cfg = from_dict(AutoencoderConfig, {k: v for k, v in section.items() if k != "weights_path"},
+                        file=directory / "config.yaml", prefix="autoencoder")
+    except ConfigError as exc:
+        raise CCELLAError(str(exc)) from None
+    model = build_autoencoder(cfg, "cpu")
+    _, metadata, _ = load_model_dir(directory, {"autoencoder": model})
+    return model.to(device).eval(), metadata

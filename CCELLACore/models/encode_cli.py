@@ -237,6 +237,11 @@ class EncodingCache:
     def feature_dim(self) -> int:
         return int(self.index["feature_dim"])
 
+    @property
+    def max_tokens(self) -> int:
+        """The token limit the reports were encoded with."""
+        return int(self.index["max_tokens"])
+
     def is_null(self, case_id: str) -> bool:
         """``True`` when the case has no report (its encoding is the null condition)."""
         self._entry(case_id)

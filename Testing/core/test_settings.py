@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import dataclasses
 
 import pytest
@@ -20,7 +22,11 @@ def test_paper_config_has_the_paper_numbers():
     assert (ldm.lower_percentile, ldm.upper_percentile, ldm.adc_window) == (0.0, 99.5, (0.0, 3000.0))
     assert cls.grid == GridConfig((256, 256, 32), (0.5, 0.5, 3.0)) and cls.normalize is False
     # The YAML says what the dataclass defaults say (defaults = the paper's values).
-    assert cfg == CCELLAConfig()
+    # The paper's text encoder is a local Flan-T5-XXL folder; the package default is the offline MiniLM.
+    assert (cfg.text_encoder.name_or_path, cfg.text_encoder.max_tokens) == ("flan-t5-xxl", 512)
+    assert cfg.ldm.adapter.input_dim == 4096 and cfg.ldm.unet.num_channels == (64, 128, 256, 512)
+    assert cfg.train_ldm.epochs == 800 and cfg.train_ldm.batch_size == 8 and cfg.loss.class_loss_weight == 1e-2
+    assert replace(cfg, text_encoder=CCELLAConfig().text_encoder) == CCELLAConfig()
 
 
 def test_tiny_and_demo_grids_keep_the_paper_field_of_view():

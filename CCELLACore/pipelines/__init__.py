@@ -1,0 +1,1 @@
+"""Pipelines: report -> synthetic exam (:mod:`.generation`)."""

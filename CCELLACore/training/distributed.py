@@ -1,0 +1,74 @@
+"""Distributed training without ceremony (nanoGPT style): detect ``torchrun`` from the environment.
+
+One process: ``ccella train-ldm ...``. One node, 4 GPUs: ``torchrun --standalone --nproc_per_node=4
+Training/train_ldm.py ...``. Two nodes: ``torchrun --nnodes=2 --node_rank=0 --master_addr=HOST --master_port=29500
+--nproc_per_node=8 Training/train_ldm.py ...`` (and ``--node_rank=1`` on the other). NCCL on GPUs, gloo on CPUs.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+__all__ = ["DistributedContext", "init_distributed", "shard"]
+
+
+@dataclass(frozen=True)
+class DistributedContext:
+    """Where this process stands: rank, world size and its device."""
+
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def is_distributed(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        """Only the main process logs, writes checkpoints and shows progress bars."""
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.is_distributed:
+            dist.barrier()
+
+    def all_reduce_mean(self, value: torch.Tensor) -> torch.Tensor:
+        """Mean of a tensor over ranks (a copy; the input is unchanged)."""
+        value = value.detach().clone()
+        if self.is_distributed:
+            dist.all_reduce(value, op=dist.ReduceOp.SUM)
+            value /= self.world_size
+        return value
+
+
+def init_distributed(device: str = "auto") -> DistributedContext:
+    """Initialise the process group when launched by torchrun (``RANK``/``WORLD_SIZE`` set), else a single process.
+
+    Args:
+        device: ``"auto"`` (CUDA when available, else CPU), ``"cpu"`` or ``"cuda"``.
+    """
+    use_cuda = torch.cuda.is_available() if device == "auto" else device.startswith("cuda")
+    if use_cuda and not torch.cuda.is_available():
+        raise RuntimeError("device 'cuda' was asked for but no CUDA GPU is available; use --device cpu")
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if world_size > 1 and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+    if use_cuda:
+        torch.cuda.set_device(local_rank)
+        dev = torch.device("cuda", local_rank)
+    else:
+        dev = torch.device("cpu")
+    return DistributedContext(rank=rank, local_rank=local_rank, world_size=world_size, device=dev)
+
+
+def shard(items: list, ctx: DistributedContext) -> list:
+    """This rank's share of ``items`` (every world_size-th item, starting at its rank)."""
+    return items[ctx.rank :: ctx.world_size]

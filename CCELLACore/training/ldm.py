@@ -1,0 +1,371 @@
+"""``ccella train-ldm``: train the CCELLA adapter + U-Net on autoencoder latents of one institution's exams.
+
+One process::
+
+    ccella train-ldm --config demo --manifest prep/manifest.csv --autoencoder models/ae --out runs/ldm
+
+Several GPUs or nodes (DDP; NCCL on GPUs, gloo on CPUs)::
+
+    torchrun --standalone --nproc_per_node=4 Training/train_ldm.py --config paper --manifest ... --out ...
+
+What it does, in order: encode the reports (cached), encode every exam's sequences with the autoencoder (cached),
+compute the per-sequence latent scale factors over the whole training set, then optimise the joint loss (L1 on the
+objective's target + weighted focal loss on the report class, masked to exams with a report) with AdamW, a
+second-order polynomial learning rate over the real number of optimiser steps, gradient clipping, condition dropout for
+classifier-free guidance and an EMA of the weights. A killed run started again with the same command resumes exactly
+(weights, optimiser, scheduler, EMA, RNG, step, scale factors). The result is a model directory (EMA weights) that
+:class:`~CCELLACore.pipelines.generation.CCELLAPipeline` loads.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+from torch.nn.parallel import DistributedDataParallel
+
+from ..data.manifest import read_manifest
+from ..errors import ConfigError, DataError
+from ..models.autoencoder import LatentStats, SequenceAutoencoder
+from ..models.ldm import CCELLALDM, condition_dropout
+from ..models.losses import ccella_loss
+from ..models.text_encoder import TextEncoder
+from ..sampling.objectives import TrainingObjective
+from .checkpoint import TrainingState, config_hash, find_checkpoint, load_checkpoint, save_checkpoint
+from .distributed import DistributedContext, init_distributed
+from .ema import EMA
+from .latents import LatentData, encode_latents, load_latent_data, reference_intensities
+from .logs import MetricsLogger
+from .precision import autocast_context, choose_dtype, describe_device
+
+__all__ = ["LDMTrainingConfig", "train_ldm", "latent_batch"]
+
+logger = logging.getLogger("CCELLACore")
+
+
+@dataclass(frozen=True)
+class LDMTrainingConfig:
+    """Optimisation settings of the diffusion model; defaults are the paper's.
+
+    Attributes:
+        batch_size: exams per process and step (paper: 8 per GPU; the global batch is 8 x world size).
+        epochs: passes over the training exams (paper: 800 for CCELLA++); the step count is
+            ``epochs * ceil(N / global batch)``, used by the LR schedule.
+        max_steps: when > 0, train exactly this many optimiser steps instead (demo and tests).
+        lr / weight_decay: AdamW (paper 1e-4, torch default 0.01).
+        lr_power: polynomial decay power over the real step count (paper 2).
+        grad_clip: max gradient norm (paper 1.0).
+        ema_decay: EMA of the weights used for sampling (the reference has none).
+        condition_dropout: probability of training an exam with the null report, which classifier-free guidance
+            needs (paper: 0, the reference has none, so its models cannot use guidance; the demo uses 0.1).
+        train_splits: manifest splits trained on (paper: train + val, "trained to completion").
+        val_split: split for the validation loss ("" = none, as in the paper).
+        log_every / validate_every / checkpoint_every: in optimiser steps.
+        seed: base seed (each rank adds its rank to its noise seed).
+    """
+
+    batch_size: int = 8
+    epochs: int = 800
+    max_steps: int = 0
+    lr: float = 1e-4
+    weight_decay: float = 0.01
+    lr_power: float = 2.0
+    grad_clip: float = 1.0
+    ema_decay: float = 0.999
+    condition_dropout: float = 0.0
+    train_splits: tuple[str, ...] = ("train", "val")
+    val_split: str = ""
+    log_every: int = 10
+    validate_every: int = 500
+    checkpoint_every: int = 500
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("batch_size", "epochs", "log_every", "validate_every", "checkpoint_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_steps < 0 or self.lr <= 0:
+            raise ValueError("max_steps must be >= 0 and lr > 0")
+        if not 0.0 <= self.condition_dropout < 1.0:
+            raise ValueError(f"condition_dropout must be in [0, 1), got {self.condition_dropout}")
+        if self.val_split and self.val_split in self.train_splits:
+            raise ValueError(f"val_split '{self.val_split}' is also a training split")
+
+
+def training_dtype(device: torch.device) -> torch.dtype:
+    """bf16 autocast on GPUs that have it; fp32 on CPUs. CPU bf16 autocast gave NaN weight gradients in MONAI's 3D
+    U-Net at small latent sizes (torch 2.13, AVX-512 bf16 CPU), and CPU training is for tests and the demo."""
+    return choose_dtype(device) if device.type == "cuda" else torch.float32
+
+
+def _split_studies(manifest, splits: tuple[str, ...]):
+    return [s for s in manifest.studies if s.split in splits]
+
+
+def _epoch_order(n: int, epoch: int, seed: int) -> torch.Tensor:
+    # A fresh permutation per epoch from (seed, epoch): the data order needs no state to resume.
+    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    return torch.randperm(n, generator=g)
+
+
+def latent_batch(data: LatentData, step: int, batch_size: int, ctx: DistributedContext, seed: int) -> torch.Tensor:
+    """Indices of this rank's exams for optimiser step ``step``: epochs are permutations of all exams, split into
+    global batches of ``batch_size * world_size``, rank r taking every world_size-th exam of each global batch."""
+    n = len(data)
+    global_batch = batch_size * ctx.world_size
+    steps_per_epoch = max(1, math.ceil(n / global_batch))
+    epoch, k = divmod(step, steps_per_epoch)
+    order = _epoch_order(n, epoch, seed)
+    chunk = order[k * global_batch : (k + 1) * global_batch]
+    if len(chunk) < global_batch:  # last batch of an epoch: wrap around so every rank gets a full batch
+        chunk = torch.cat([chunk, order[: global_batch - len(chunk)]])
+    return chunk[ctx.rank :: ctx.world_size]
+
+
+def _scale(latents: torch.Tensor, factors: torch.Tensor, group: int) -> torch.Tensor:
+    """Multiply channel group s (``group`` channels each) by factors[s]."""
+    per_channel = factors.repeat_interleave(group).to(latents)
+    return latents * per_channel.view(1, -1, *([1] * (latents.ndim - 2)))
+
+
+def _step_loss(model, batch, objective, cfg, loss_cfg, null, generator, dtype, device, train: bool):
+    latents, spacing, text_f, text_m, labels, has_report = batch
+    if train and cfg.condition_dropout > 0:
+        dropped = condition_dropout(text_f, text_m, null.features, null.mask, cfg.condition_dropout, generator)
+        text_f, text_m, class_mask = dropped.features, dropped.mask, has_report & ~dropped.dropped.to(device)
+    else:
+        class_mask = has_report
+    noise = torch.randn(latents.shape, generator=generator, device=generator.device).to(device)
+    t = objective.sample_timesteps(latents.shape[0], generator, device=generator.device,
+                                   spatial_shape=tuple(latents.shape[2:])).to(device)
+    x_t = objective.add_noise(latents, noise, t)
+    target = objective.target(latents, noise, t)
+    with autocast_context(device, dtype):
+        out = model(x_t, t, spacing, text_f.to(device), text_m.to(device))
+    return ccella_loss(out.prediction.float(), target, out.class_logits.float(), labels, class_mask,
+                       class_loss_weight=loss_cfg.class_loss_weight, focal_alpha=loss_cfg.focal_alpha,
+                       focal_gamma=loss_cfg.focal_gamma)
+
+
+def _gather(data: LatentData, index: torch.Tensor, factors: torch.Tensor, group: int, device):
+    text = data.text
+    lengths = text.mask[index].sum(1)
+    length = max(int(lengths.max()), 1)  # trim padding beyond the longest report of the batch
+    return (
+        _scale(data.latents[index], factors, group).to(device),
+        data.spacing[index].to(device),
+        text.features[index, :length].float().to(device),
+        text.mask[index, :length].to(device),
+        data.labels[index].to(device),
+        data.has_report[index].to(device),
+    )
+
+
+@torch.no_grad()
+def _validation_loss(model, data, factors, group, objective, cfg, loss_cfg, null, dtype, device) -> dict[str, float]:
+    """Mean loss over the validation exams at fixed noise and timesteps (comparable across evaluations)."""
+    model.eval()
+    generator = torch.Generator().manual_seed(cfg.seed + 12345)
+    totals: dict[str, float] = {}
+    n = 0
+    for start in range(0, len(data), cfg.batch_size):
+        index = torch.arange(start, min(start + cfg.batch_size, len(data)))
+        batch = _gather(data, index, factors, group, device)
+        losses = _step_loss(model, batch, objective, cfg, loss_cfg, null, generator, dtype, device, train=False)
+        for key, value in losses.items():
+            totals[key] = totals.get(key, 0.0) + float(value) * len(index)
+        n += len(index)
+    model.train()
+    return {f"val_{k}": v / n for k, v in totals.items()}
+
+
+def train_ldm(
+    config,
+    manifest_path: str | Path,
+    autoencoder_dir: str | Path,
+    out_dir: str | Path,
+    *,
+    device: str = "auto",
+    max_steps: int | None = None,
+    progress: bool = True,
+    model_card: str = "",
+) -> Path:
+    """Train (or resume) a CCELLA++ diffusion model; returns the model directory ``<out_dir>/model``.
+
+    Args:
+        config: a :class:`~CCELLACore.settings.CCELLAConfig` (sections ``text_encoder``, ``ldm``, ``diffusion``,
+            ``loss``, ``train_ldm``, ``sequences``).
+        manifest_path: a manifest written by ``ccella preprocess --target ldm`` (normalised volumes on one grid).
+        autoencoder_dir: a model directory holding an ``autoencoder`` component (``ccella train-autoencoder``).
+        out_dir: the run folder: caches, checkpoints, ``metrics.csv`` and the final ``model``.
+        max_steps: overrides ``train_ldm.max_steps`` (e.g. to stop early and resume later with a larger value).
+    """
+    from tqdm.auto import tqdm
+
+    from ..models.autoencoder import load_autoencoder_dir
+    from ..models.encode_cli import EncodingCache, encode_manifest
+    from ..models.serialization import ModelMetadata, model_hash, save_model_dir
+
+    cfg: LDMTrainingConfig = config.train_ldm
+    if max_steps is not None:
+        cfg = replace(cfg, max_steps=max_steps)
+    out_dir = Path(out_dir)
+    ctx = init_distributed(device)
+    dev = ctx.device
+    dtype = training_dtype(dev)
+    torch.manual_seed(cfg.seed + ctx.rank)
+    if ctx.is_main:
+        logger.info("train-ldm on %s, %s, world size %d", describe_device(dev), str(dtype).replace("torch.", ""),
+                    ctx.world_size)
+
+    manifest = read_manifest(manifest_path)
+    for problem in manifest.problems:
+        logger.warning("manifest: skipped case %s: %s", problem.case_id, problem.reason)
+    sequences = tuple(config.sequences)
+    train_studies = _split_studies(manifest, cfg.train_splits)
+    val_studies = _split_studies(manifest, (cfg.val_split,)) if cfg.val_split else []
+    if not train_studies:
+        raise DataError("<none>", f"{manifest_path}: no exam in splits {list(cfg.train_splits)}")
+
+    # 1. Reports -> token features (cached; rank 0 writes, the others wait).
+    text_dir = out_dir / "cache" / "text"
+    if ctx.is_main:
+        encode_manifest(manifest_path, config.text_encoder, text_dir, device=dev)
+    ctx.barrier()
+    cache = EncodingCache(text_dir)
+    feature_dim = cache.feature_dim
+    if feature_dim != config.ldm.adapter.input_dim:
+        raise ConfigError(f"the text encoder gives {feature_dim}-d features but the adapter expects "
+                          f"{config.ldm.adapter.input_dim}", key="ldm.adapter.input_dim")
+    max_tokens = cache.max_tokens
+    null = cache.load_null(max_tokens)
+
+    def encodings(studies):
+        return {s.case_id: cache.load(s.case_id, max_tokens) for s in studies if not cache.is_null(s.case_id)}
+
+    # 2. Exams -> autoencoder latents (cached, shared over ranks).
+    autoencoder_model, ae_meta = load_autoencoder_dir(autoencoder_dir, dev)
+    autoencoder = SequenceAutoencoder(autoencoder_model, dev)
+    latent_dir = out_dir / "cache" / "latents"
+    problems = encode_latents(train_studies + val_studies, autoencoder, latent_dir, ctx, sequences, progress)
+    bad = {case for case, _ in problems}
+    for case, reason in problems:
+        logger.warning("skipped case %s: %s", case, reason)
+    train_studies = [s for s in train_studies if s.case_id not in bad]
+    val_studies = [s for s in val_studies if s.case_id not in bad]
+    train = load_latent_data(train_studies, latent_dir, encodings(train_studies), null)
+    val = load_latent_data(val_studies, latent_dir, encodings(val_studies), null) if val_studies else None
+    group = train.latents.shape[1] // len(sequences)
+    if train.latents.shape[1] != config.ldm.unet.in_channels:
+        raise ConfigError(f"latents have {train.latents.shape[1]} channels ({len(sequences)} sequences x {group}) "
+                          f"but the U-Net takes {config.ldm.unet.in_channels}", key="ldm.unet.in_channels")
+    side = config.ldm.unet.downsampling_factor
+    if any(s % side for s in train.latents.shape[2:]):
+        raise ConfigError(f"latent size {tuple(train.latents.shape[2:])} must be a multiple of {side} on every axis "
+                          "(the U-Net halves it per level); change the preprocess grid", key="preprocess.ldm.grid.size")
+
+    # 3. Model, optimiser, schedule, EMA.
+    model = CCELLALDM(config.ldm).to(dev)
+    objective = TrainingObjective.from_config(config.diffusion)
+    steps_per_epoch = max(1, math.ceil(len(train) / (cfg.batch_size * ctx.world_size)))
+    total_steps = cfg.max_steps or cfg.epochs * steps_per_epoch
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.PolynomialLR(optimizer, total_iters=total_steps, power=cfg.lr_power)
+    ema = EMA(model, decay=cfg.ema_decay, warmup=True)
+    noise_gen = torch.Generator(device=dev).manual_seed(cfg.seed * 7919 + ctx.rank)
+    state = TrainingState(
+        models={"ldm": model}, optimizers={"adamw": optimizer}, schedulers={"lr": scheduler}, emas={"ldm": ema},
+        generators={"noise": noise_gen}, config_hash=config_hash(_resume_relevant(config, cfg)),
+    )
+
+    # 4. Resume, or compute the scale factors over the whole training set.
+    ckpt_dir = out_dir / "checkpoints"
+    if find_checkpoint(ckpt_dir) is not None:
+        load_checkpoint(ckpt_dir, state)
+        if ctx.is_main:
+            logger.info("resumed from %s at step %d", ckpt_dir, state.step)
+    if state.scale_factors is None:
+        stats = LatentStats(sequences, group)
+        stats.update(train.latents)
+        state.scale_factors = stats.scale_factors()
+    factors = torch.tensor([state.scale_factors[s] for s in sequences])
+
+    ddp_model = DistributedDataParallel(model) if ctx.is_distributed else model
+    metrics = MetricsLogger(out_dir, enabled=ctx.is_main, resume_step=state.step if state.step else None)
+    bar = tqdm(total=total_steps, initial=state.step, desc="train-ldm", unit="step",
+               disable=not (progress and ctx.is_main))
+    model.train()
+    while state.step < total_steps:
+        index = latent_batch(train, state.step, cfg.batch_size, ctx, cfg.seed)
+        batch = _gather(train, index, factors, group, dev)
+        losses = _step_loss(ddp_model, batch, objective, cfg, config.loss, null, noise_gen, dtype, dev, train=True)
+        optimizer.zero_grad(set_to_none=True)
+        losses["total"].backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        if not torch.isfinite(grad_norm):
+            # Stop rather than corrupt the weights; the last checkpoint is intact.
+            raise FloatingPointError(f"train-ldm: non-finite gradient at step {state.step + 1} (loss "
+                                     f"{float(losses['total']):.4g}); lower train_ldm.lr or use fp32")
+        optimizer.step()
+        scheduler.step()
+        ema.update(model)
+        state.step += 1
+        state.epoch = state.step // steps_per_epoch
+        bar.update(1)
+        if state.step % cfg.log_every == 0 or state.step == total_steps:
+            reduced = {k: float(ctx.all_reduce_mean(v)) for k, v in losses.items()}
+            metrics.log(state.step, **{f"train_{k}": v for k, v in reduced.items()}, lr=scheduler.get_last_lr()[0],
+                        grad_norm=float(grad_norm))
+            bar.set_postfix(loss=f"{reduced['total']:.4f}")
+        if val is not None and (state.step % cfg.validate_every == 0 or state.step == total_steps):
+            metrics.log(state.step, **_validation_loss(model, val, factors, group, objective, cfg, config.loss, null,
+                                                       dtype, dev))
+        if state.step % cfg.checkpoint_every == 0 or state.step == total_steps:
+            if ctx.is_main:
+                save_checkpoint(ckpt_dir, state)
+            ctx.barrier()
+    bar.close()
+    metrics.close()
+
+    # 5. The model directory: EMA weights, autoencoder, scale factors, reference intensities, grid, objective.
+    model_dir = out_dir / "model"
+    if ctx.is_main:
+        sampling_model = CCELLALDM(config.ldm)
+        ema.copy_to(sampling_model)
+        grid = config.preprocess.ldm.grid
+        metadata = ModelMetadata(
+            objective=config.diffusion.objective,
+            sequences=sequences,
+            latent_scale_factors=dict(state.scale_factors),
+            reference_intensities=reference_intensities(manifest, sequences),
+            grid_size=tuple(grid.size),
+            spacing=tuple(float(s) for s in train.spacing.median(0).values.tolist()),
+            text_encoder=config.text_encoder.name_or_path,
+            extra={"steps": state.step, "train_exams": len(train), "autoencoder_hash": model_hash(autoencoder_dir),
+                   "max_tokens": max_tokens},
+        )
+        save_model_dir(model_dir, {"ldm": sampling_model, "autoencoder": autoencoder_model}, config, metadata,
+                       model_card or _default_card(config, metadata, len(train)))
+    ctx.barrier()
+    return model_dir
+
+
+def _resume_relevant(config, cfg: LDMTrainingConfig):
+    """The config parts a resumed run must share with the run it continues (not max_steps: a run may be extended,
+    which re-spreads the LR schedule over the new total)."""
+    return {"ldm": config.ldm, "diffusion": config.diffusion, "loss": config.loss,
+            "train": replace(cfg, max_steps=0, log_every=1, validate_every=1, checkpoint_every=1)}
+
+
+def _default_card(config, metadata, n_train: int) -> str:
+    return (
+        "# CCELLA++ latent diffusion model\n\n"
+        f"- Sequences: {', '.join(metadata.sequences)}; objective: {metadata.objective}.\n"
+        f"- Output grid: {metadata.grid_size} voxels at {metadata.spacing} mm.\n"
+        f"- Text encoder: {metadata.text_encoder}.\n"
+        f"- Trained on {n_train} exams for {metadata.extra['steps']} steps.\n"
+        "- Outputs are synthetic and must not be used for diagnosis.\n"
+    )
