@@ -123,6 +123,7 @@ def condition_dropout(
     null_mask: torch.Tensor,
     p: float,
     generator: torch.Generator | None = None,
+    dropped: torch.Tensor | None = None,
 ) -> ConditionDropout:
     """Replace each batch item's report encoding by the null (empty-report) encoding with probability ``p``.
 
@@ -134,6 +135,8 @@ def condition_dropout(
         null_mask: (L0,) or (1, L0) bool.
         p: drop probability in [0, 1].
         generator: optional seeded generator (on the CPU or on the features' device) for reproducible draws.
+        dropped: (B,) bool decisions drawn by the caller instead (DDP ranks draw the global batch's decisions from
+            one shared generator and keep their slice, so results do not depend on the number of processes).
 
     Returns:
         :class:`ConditionDropout`; mask the class loss with ``has_report & ~dropped``.
@@ -151,7 +154,9 @@ def condition_dropout(
         raise ValueError(f"null_mask must be {tuple(null_features.shape[:2])}, got {tuple(null_mask.shape)}")
     batch = text_features.shape[0]
     draw_device = generator.device if generator is not None else text_features.device
-    dropped = (torch.rand(batch, generator=generator, device=draw_device) < p).to(text_features.device)
+    if dropped is None:
+        dropped = torch.rand(batch, generator=generator, device=draw_device) < p
+    dropped = dropped.to(text_features.device)
 
     length = max(text_features.shape[1], null_features.shape[1])
     features, mask = _pad_tokens(text_features, text_mask, length)

@@ -51,6 +51,7 @@ def class_focal_loss(
     has_report: torch.Tensor,
     focal_alpha: float = 0.75,
     focal_gamma: float = 2.0,
+    class_count: float | None = None,
 ) -> torch.Tensor:
     """Softmax focal loss on a one-hot target, summed over classes, averaged over the exams with a report.
 
@@ -58,6 +59,8 @@ def class_focal_loss(
         class_logits: (B, num_classes).
         labels: (B,) long class indices (0 = csPCa negative, 1 = positive).
         has_report: (B,) bool; False for exams without a report and for condition-dropped items.
+        class_count: the number of exams the sum is divided by (default: this batch's exams with a report). Under
+            DDP, pass (global count / world size) so that DDP's gradient mean equals the global batch's mean.
 
     Returns:
         Scalar; exactly 0 (with a gradient path) when no exam in the batch has a report.
@@ -72,7 +75,8 @@ def class_focal_loss(
     per_exam = focal(class_logits, target).sum(dim=1)  # (B,)
     weights = has_report.to(per_exam.dtype)
     # clamp: an all-null batch gives 0 / 1 = 0 rather than NaN
-    return (per_exam * weights).sum() / weights.sum().clamp(min=1.0)
+    count = weights.sum() if class_count is None else torch.as_tensor(float(class_count))
+    return (per_exam * weights).sum() / count.clamp(min=1.0 if class_count is None else 1e-12)
 
 
 def ccella_loss(
@@ -84,6 +88,7 @@ def ccella_loss(
     class_loss_weight: float = PAPER_CLASS_LOSS_WEIGHT,
     focal_alpha: float = 0.75,
     focal_gamma: float = 2.0,
+    class_count: float | None = None,
 ) -> dict[str, torch.Tensor]:
     """Joint loss ``total = denoise + class_loss_weight * cls``.
 
@@ -94,6 +99,7 @@ def ccella_loss(
         labels: (B,) long exam classes.
         has_report: (B,) bool, exams whose (non-dropped) report was given to the adapter.
         class_loss_weight: weight on the one-hot focal loss (paper 1e-2).
+        class_count: see :func:`class_focal_loss`.
 
     Returns:
         ``{"total", "denoise", "cls"}`` scalars; ``denoise`` is the mean L1, ``cls`` the unweighted focal loss.
@@ -101,5 +107,5 @@ def ccella_loss(
     if prediction.shape != target.shape:
         raise ValueError(f"prediction {tuple(prediction.shape)} and target {tuple(target.shape)} differ in shape")
     denoise = F.l1_loss(prediction.float(), target.float())
-    cls = class_focal_loss(class_logits.float(), labels, has_report, focal_alpha, focal_gamma)
+    cls = class_focal_loss(class_logits.float(), labels, has_report, focal_alpha, focal_gamma, class_count)
     return {"total": denoise + class_loss_weight * cls, "denoise": denoise, "cls": cls}

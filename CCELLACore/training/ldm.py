@@ -64,7 +64,7 @@ class LDMTrainingConfig:
         train_splits: manifest splits trained on (paper: train + val, "trained to completion").
         val_split: split for the validation loss ("" = none, as in the paper).
         log_every / validate_every / checkpoint_every: in optimiser steps.
-        seed: base seed (each rank adds its rank to its noise seed).
+        seed: seed of the initial weights, the data order and the noise (the same on every rank).
     """
 
     batch_size: int = 8
@@ -111,18 +111,18 @@ def _epoch_order(n: int, epoch: int, seed: int) -> torch.Tensor:
     return torch.randperm(n, generator=g)
 
 
-def latent_batch(data: LatentData, step: int, batch_size: int, ctx: DistributedContext, seed: int) -> torch.Tensor:
-    """Indices of this rank's exams for optimiser step ``step``: epochs are permutations of all exams, split into
-    global batches of ``batch_size * world_size``, rank r taking every world_size-th exam of each global batch."""
+def latent_batch(data: LatentData, step: int, batch_size: int, world_size: int, seed: int) -> torch.Tensor:
+    """Indices of the GLOBAL batch (``batch_size * world_size`` exams) of optimiser step ``step``: epochs are
+    permutations of all exams drawn from (seed, epoch); rank r trains on every world_size-th of them."""
     n = len(data)
-    global_batch = batch_size * ctx.world_size
+    global_batch = batch_size * world_size
     steps_per_epoch = max(1, math.ceil(n / global_batch))
     epoch, k = divmod(step, steps_per_epoch)
     order = _epoch_order(n, epoch, seed)
     chunk = order[k * global_batch : (k + 1) * global_batch]
     if len(chunk) < global_batch:  # last batch of an epoch: wrap around so every rank gets a full batch
         chunk = torch.cat([chunk, order[: global_batch - len(chunk)]])
-    return chunk[ctx.rank :: ctx.world_size]
+    return chunk
 
 
 def _scale(latents: torch.Tensor, factors: torch.Tensor, group: int) -> torch.Tensor:
@@ -131,50 +131,66 @@ def _scale(latents: torch.Tensor, factors: torch.Tensor, group: int) -> torch.Te
     return latents * per_channel.view(1, -1, *([1] * (latents.ndim - 2)))
 
 
-def _step_loss(model, batch, objective, cfg, loss_cfg, null, generator, dtype, device, train: bool):
-    latents, spacing, text_f, text_m, labels, has_report = batch
-    if train and cfg.condition_dropout > 0:
-        dropped = condition_dropout(text_f, text_m, null.features, null.mask, cfg.condition_dropout, generator)
-        text_f, text_m, class_mask = dropped.features, dropped.mask, has_report & ~dropped.dropped.to(device)
-    else:
-        class_mask = has_report
-    noise = torch.randn(latents.shape, generator=generator, device=generator.device).to(device)
-    t = objective.sample_timesteps(latents.shape[0], generator, device=generator.device,
-                                   spatial_shape=tuple(latents.shape[2:])).to(device)
-    x_t = objective.add_noise(latents, noise, t)
-    target = objective.target(latents, noise, t)
-    with autocast_context(device, dtype):
-        out = model(x_t, t, spacing, text_f.to(device), text_m.to(device))
-    return ccella_loss(out.prediction.float(), target, out.class_logits.float(), labels, class_mask,
-                       class_loss_weight=loss_cfg.class_loss_weight, focal_alpha=loss_cfg.focal_alpha,
-                       focal_gamma=loss_cfg.focal_gamma)
-
-
 def _gather(data: LatentData, index: torch.Tensor, factors: torch.Tensor, group: int, device):
-    text = data.text
-    lengths = text.mask[index].sum(1)
+    lengths = data.text.mask[index].sum(1)
     length = max(int(lengths.max()), 1)  # trim padding beyond the longest report of the batch
     return (
         _scale(data.latents[index], factors, group).to(device),
         data.spacing[index].to(device),
-        text.features[index, :length].float().to(device),
-        text.mask[index, :length].to(device),
+        data.text.features[index, :length].float().to(device),
+        data.text.mask[index, :length].to(device),
         data.labels[index].to(device),
-        data.has_report[index].to(device),
+        (data.has_report[index] & data.has_label[index]).to(device),
     )
+
+
+def _step_loss(model, data, global_index, factors, group, objective, cfg, loss_cfg, null, generator, dtype, ctx,
+               train: bool):
+    """Loss of this rank's share of a global batch.
+
+    Noise, timesteps and condition-dropout decisions are drawn for the WHOLE global batch from one generator that
+    every rank holds in the same state, and each rank keeps its slice; the class loss is divided by the global
+    number of exams with a report. So N processes compute exactly what one process computes on the global batch.
+    """
+    device, world = ctx.device, ctx.world_size
+    g = len(global_index)
+    latent_shape = (g, *data.latents.shape[1:])
+    noise = torch.randn(latent_shape, generator=generator, device=generator.device)
+    t = objective.sample_timesteps(g, generator, device=generator.device, spatial_shape=tuple(latent_shape[2:]))
+    dropped = torch.rand(g, generator=generator, device=generator.device) < (cfg.condition_dropout if train else 0.0)
+    labelled = data.has_report[global_index] & data.has_label[global_index] & ~dropped.cpu()
+    class_count = float(labelled.sum()) / world if world > 1 else None
+
+    mine = slice(ctx.rank, None, world)
+    latents, spacing, text_f, text_m, labels, class_mask = _gather(data, global_index[mine], factors, group, device)
+    if train and cfg.condition_dropout > 0:
+        out = condition_dropout(text_f, text_m, null.features, null.mask, cfg.condition_dropout,
+                                dropped=dropped[mine])
+        text_f, text_m = out.features, out.mask
+        class_mask = class_mask & ~out.dropped
+    noise, t = noise[mine].to(device), t[mine].to(device)
+    x_t = objective.add_noise(latents, noise, t)
+    target = objective.target(latents, noise, t)
+    with autocast_context(device, dtype):
+        out = model(x_t, t, spacing, text_f, text_m)
+    return ccella_loss(out.prediction.float(), target, out.class_logits.float(), labels, class_mask,
+                       class_loss_weight=loss_cfg.class_loss_weight, focal_alpha=loss_cfg.focal_alpha,
+                       focal_gamma=loss_cfg.focal_gamma, class_count=class_count)
 
 
 @torch.no_grad()
 def _validation_loss(model, data, factors, group, objective, cfg, loss_cfg, null, dtype, device) -> dict[str, float]:
-    """Mean loss over the validation exams at fixed noise and timesteps (comparable across evaluations)."""
+    """Mean loss over the validation exams at fixed noise and timesteps (comparable across evaluations); computed on
+    the main process only."""
     model.eval()
     generator = torch.Generator().manual_seed(cfg.seed + 12345)
+    single = DistributedContext(device=device)
     totals: dict[str, float] = {}
     n = 0
     for start in range(0, len(data), cfg.batch_size):
         index = torch.arange(start, min(start + cfg.batch_size, len(data)))
-        batch = _gather(data, index, factors, group, device)
-        losses = _step_loss(model, batch, objective, cfg, loss_cfg, null, generator, dtype, device, train=False)
+        losses = _step_loss(model, data, index, factors, group, objective, cfg, loss_cfg, null, generator, dtype,
+                            single, train=False)
         for key, value in losses.items():
             totals[key] = totals.get(key, 0.0) + float(value) * len(index)
         n += len(index)
@@ -190,9 +206,10 @@ def train_ldm(
     *,
     device: str = "auto",
     max_steps: int | None = None,
+    stop_after: int | None = None,
     progress: bool = True,
     model_card: str = "",
-) -> Path:
+) -> Path | None:
     """Train (or resume) a CCELLA++ diffusion model; returns the model directory ``<out_dir>/model``.
 
     Args:
@@ -201,7 +218,12 @@ def train_ldm(
         manifest_path: a manifest written by ``ccella preprocess --target ldm`` (normalised volumes on one grid).
         autoencoder_dir: a model directory holding an ``autoencoder`` component (``ccella train-autoencoder``).
         out_dir: the run folder: caches, checkpoints, ``metrics.csv`` and the final ``model``.
-        max_steps: overrides ``train_ldm.max_steps`` (e.g. to stop early and resume later with a larger value).
+        max_steps: overrides ``train_ldm.max_steps``, the total length of the run (it sets the LR schedule).
+        stop_after: stop (with a checkpoint) once the run has reached this step, as if killed there; the same call
+            without it resumes. For time-boxed sessions on small machines.
+
+    Returns:
+        The model directory, or None when the run stopped early (``stop_after``).
     """
     from tqdm.auto import tqdm
 
@@ -216,7 +238,7 @@ def train_ldm(
     ctx = init_distributed(device)
     dev = ctx.device
     dtype = training_dtype(dev)
-    torch.manual_seed(cfg.seed + ctx.rank)
+    torch.manual_seed(cfg.seed)
     if ctx.is_main:
         logger.info("train-ldm on %s, %s, world size %d", describe_device(dev), str(dtype).replace("torch.", ""),
                     ctx.world_size)
@@ -275,7 +297,8 @@ def train_ldm(
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.PolynomialLR(optimizer, total_iters=total_steps, power=cfg.lr_power)
     ema = EMA(model, decay=cfg.ema_decay, warmup=True)
-    noise_gen = torch.Generator(device=dev).manual_seed(cfg.seed * 7919 + ctx.rank)
+    # The same state on every rank (see _step_loss): results do not depend on the number of processes.
+    noise_gen = torch.Generator().manual_seed(cfg.seed * 7919 + 1)
     state = TrainingState(
         models={"ldm": model}, optimizers={"adamw": optimizer}, schedulers={"lr": scheduler}, emas={"ldm": ema},
         generators={"noise": noise_gen}, config_hash=config_hash(_resume_relevant(config, cfg)),
@@ -298,10 +321,11 @@ def train_ldm(
     bar = tqdm(total=total_steps, initial=state.step, desc="train-ldm", unit="step",
                disable=not (progress and ctx.is_main))
     model.train()
-    while state.step < total_steps:
-        index = latent_batch(train, state.step, cfg.batch_size, ctx, cfg.seed)
-        batch = _gather(train, index, factors, group, dev)
-        losses = _step_loss(ddp_model, batch, objective, cfg, config.loss, null, noise_gen, dtype, dev, train=True)
+    end = total_steps if stop_after is None else min(total_steps, stop_after)
+    while state.step < end:
+        global_index = latent_batch(train, state.step, cfg.batch_size, ctx.world_size, cfg.seed)
+        losses = _step_loss(ddp_model, train, global_index, factors, group, objective, cfg, config.loss, null,
+                            noise_gen, dtype, ctx, train=True)
         optimizer.zero_grad(set_to_none=True)
         losses["total"].backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
@@ -320,15 +344,19 @@ def train_ldm(
             metrics.log(state.step, **{f"train_{k}": v for k, v in reduced.items()}, lr=scheduler.get_last_lr()[0],
                         grad_norm=float(grad_norm))
             bar.set_postfix(loss=f"{reduced['total']:.4f}")
-        if val is not None and (state.step % cfg.validate_every == 0 or state.step == total_steps):
+        if val is not None and ctx.is_main and (state.step % cfg.validate_every == 0 or state.step == total_steps):
             metrics.log(state.step, **_validation_loss(model, val, factors, group, objective, cfg, config.loss, null,
                                                        dtype, dev))
-        if state.step % cfg.checkpoint_every == 0 or state.step == total_steps:
+        if state.step % cfg.checkpoint_every == 0 or state.step in (end, total_steps):
             if ctx.is_main:
                 save_checkpoint(ckpt_dir, state)
             ctx.barrier()
     bar.close()
     metrics.close()
+    if state.step < total_steps:
+        if ctx.is_main:
+            logger.info("stopped at step %d of %d; run the same command again to resume", state.step, total_steps)
+        return None
 
     # 5. The model directory: EMA weights, autoencoder, scale factors, reference intensities, grid, objective.
     model_dir = out_dir / "model"

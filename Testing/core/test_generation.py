@@ -1,0 +1,206 @@
+"""train-ldm and generation end to end on tiny configs: loss, resume, DDP, determinism, reports, bad inputs."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from CCELLACore.cli import main
+from CCELLACore.data import read_volume
+from CCELLACore.data.volume import SYNTHETIC_KEY
+from CCELLACore.errors import CCELLAError
+from CCELLACore.models.autoencoder import build_autoencoder
+from CCELLACore.models.serialization import ModelMetadata, save_model_dir
+from CCELLACore.pipelines.generation import CCELLAPipeline
+from CCELLACore.reports import ReportError
+from CCELLACore.settings import load_config
+from CCELLACore.training.ldm import train_ldm
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    """8 tiny phantom exams preprocessed for the LDM, and an (untrained) tiny autoencoder model directory."""
+    root = tmp_path_factory.mktemp("ldm_data")
+    assert main(["phantoms", "--institution", "1", "--n", "8", "--size", "32", "32", "16", "--spacing", "4", "4", "4",
+                 "--seed", "0", "--out", str(root / "phantoms"), "--layouts", "none", "--no-progress"]) == 0
+    assert main(["preprocess", "--manifest", str(root / "phantoms" / "manifest.csv"), "--config", "tiny",
+                 "--target", "ldm", "--out", str(root / "prep"), "--workers", "1", "--no-progress"]) == 0
+    config = load_config("tiny")
+    torch.manual_seed(0)
+    autoencoder = build_autoencoder(config.autoencoder)
+    save_model_dir(root / "ae", {"autoencoder": autoencoder}, {"autoencoder": config.autoencoder},
+                   ModelMetadata(grid_size=(32, 32, 16), spacing=(4.0, 4.0, 4.0)), "untrained tiny autoencoder")
+    return root
+
+
+def _weights(model_dir: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(model_dir / "ldm.safetensors"))
+
+
+def _metrics(run: Path) -> list[dict[str, str]]:
+    import csv
+
+    with (run / "metrics.csv").open(encoding="utf-8") as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.fixture(scope="module")
+def trained(data, tmp_path_factory):
+    """A tiny model trained 6 steps in one go (shared by the generation tests)."""
+    run = tmp_path_factory.mktemp("run_full")
+    return train_ldm(load_config("tiny"), data / "prep" / "manifest.csv", data / "ae", run, device="cpu",
+                     progress=False)
+
+
+def test_training_writes_model_metrics_and_checkpoint(trained):
+    run = trained.parent
+    rows = _metrics(run)
+    train_rows = [r for r in rows if r.get("train_total")]
+    assert [int(r["step"]) for r in train_rows] == [1, 2, 3, 4, 5, 6]
+    assert all(np.isfinite(float(r["train_total"])) for r in train_rows)
+    assert float(train_rows[-1]["lr"]) == 0.0  # polynomial decay reaches 0 at the real last step
+    assert any(r.get("val_total") for r in rows)
+    meta = json.loads((trained / "model.json").read_text())
+    assert meta["sequences"] == ["AxT2", "HighB", "ADC"] and meta["objective"] == "epsilon"
+    assert set(meta["latent_scale_factors"]) == {"AxT2", "HighB", "ADC"}
+    assert meta["reference_intensities"]["ADC"] == 3000.0 and meta["reference_intensities"]["AxT2"] > 0
+    assert (run / "checkpoints" / "last" / "state.json").is_file()
+
+
+def test_killed_run_resumes_exactly(data, trained, tmp_path):
+    """3 steps, stop, start the same job again for 6 in all == 6 steps uninterrupted (bit for bit)."""
+    run = tmp_path / "run"
+    config = load_config("tiny")
+    assert train_ldm(config, data / "prep" / "manifest.csv", data / "ae", run, device="cpu", stop_after=3,
+                     progress=False) is None
+    resumed = train_ldm(config, data / "prep" / "manifest.csv", data / "ae", run, device="cpu", progress=False)
+    full, again = _weights(trained), _weights(resumed)
+    assert full.keys() == again.keys()
+    assert all(torch.equal(full[k], again[k]) for k in full)
+    assert [int(r["step"]) for r in _metrics(run) if r.get("train_total")] == [1, 2, 3, 4, 5, 6]
+
+
+def test_loss_falls(data, tmp_path):
+    config = load_config("tiny")
+    config = replace(config, train_ldm=replace(config.train_ldm, max_steps=40, batch_size=4, lr=1e-2,
+                                               condition_dropout=0.0, validate_every=5, checkpoint_every=1000))
+    train_ldm(config, data / "prep" / "manifest.csv", data / "ae", tmp_path / "run", device="cpu", progress=False)
+    rows = _metrics(tmp_path / "run")
+    losses = [float(r["train_denoise"]) for r in rows if r.get("train_denoise")]
+    assert len(losses) == 40
+    # train batches differ in timesteps, so compare averages; the validation loss uses fixed noise and timesteps
+    assert np.mean(losses[-8:]) < 0.95 * np.mean(losses[:8]), losses
+    val = [float(r["val_denoise"]) for r in rows if r.get("val_denoise")]
+    assert len(val) == 8 and val[-1] < val[0], val
+
+
+def test_two_gloo_processes_match_one_process(data, trained, tmp_path):
+    """torchrun with 2 CPU processes of batch 1 == one process of batch 2 (same global batch, noise and loss)."""
+    yaml = (REPO / "CCELLACore" / "configs" / "tiny.yaml").read_text(encoding="utf-8")
+    config_file = tmp_path / "tiny_ddp.yaml"
+    config_file.write_text(yaml.replace("  batch_size: 2\n", "  batch_size: 1\n"), encoding="utf-8")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(REPO / "Training" / "train_ldm.py"), "--config", str(config_file), "--manifest",
+           str(data / "prep" / "manifest.csv"), "--autoencoder", str(data / "ae"), "--out", str(tmp_path / "ddp"),
+           "--device", "cpu", "--no-progress"]
+    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    single, ddp = _weights(trained), _weights(tmp_path / "ddp" / "model")
+    for key in single:
+        torch.testing.assert_close(ddp[key], single[key], rtol=1e-4, atol=1e-6)
+
+
+def test_generate_is_deterministic_and_marked_synthetic(trained, tmp_path):
+    pipe = CCELLAPipeline.from_pretrained(trained, device="cpu")
+    report = "PI-RADS 5 lesion in the left peripheral zone, mid gland, 18 mm, markedly restricted diffusion."
+    a = pipe(report, seed=3, steps=3)
+    b = pipe(report, seed=3, steps=3)
+    c = pipe(report, seed=4, steps=3)
+    for name in ("AxT2", "HighB", "ADC"):
+        assert np.array_equal(a.exam.volumes[name].array, b.exam.volumes[name].array)
+        assert not np.array_equal(a.exam.volumes[name].array, c.exam.volumes[name].array)
+        vol = a.exam.volumes[name]
+        assert vol.shape == (32, 32, 16) and vol.spacing == (4.0, 4.0, 4.0)
+        assert vol.metadata[SYNTHETIC_KEY] == "true"
+    adc = a.exam.volumes["ADC"].array
+    assert adc.min() >= 0.0 and adc.max() <= 3000.0  # 10^-6 mm^2/s, the inverted 0-3000 window
+    assert 0.0 <= a.class_probability <= 1.0
+    a.exam.check_same_space()
+    # the grid is centred at the LPS origin
+    centre = a.exam.reference.affine_lps @ np.array([15.5, 15.5, 7.5, 1.0])
+    np.testing.assert_allclose(centre[:3], 0.0, atol=1e-6)
+    # guidance batches the null condition in; spacing sets the written geometry
+    guided = pipe(report, seed=3, steps=2, guidance=2.0, spacing=(3.0, 3.0, 3.5))
+    assert guided.exam.volumes["AxT2"].spacing == (3.0, 3.0, 3.5)
+    assert pipe(None, unconditional=True, seed=0, steps=2).settings["unconditional"] is True
+
+
+def test_report_edge_cases(trained, caplog):
+    pipe = CCELLAPipeline.from_pretrained(trained, device="cpu")
+    with pytest.raises(ReportError, match="--unconditional"):
+        pipe("", steps=2)
+    with pytest.raises(ReportError, match="--unconditional"):
+        pipe("   \n", steps=2)
+    with pytest.raises(ReportError, match="20000"):
+        pipe("x" * 100_000, steps=2)
+    out = pipe("Läsion ≥ 1.5 cm, ADC 700 µm²/s, PI-RADS 5 — links périphérique.", seed=0, steps=2)
+    assert np.isfinite(out.exam.volumes["ADC"].array).all()
+    # a long report is truncated from the start with a warning that never contains the text
+    long_report = "Benign prostatic hyperplasia noted. " * 200 + "IMPRESSION: PI-RADS 5."
+    with caplog.at_level("WARNING"):
+        pipe(long_report, seed=0, steps=2)
+    assert "dropped" in caplog.text and "hyperplasia" not in caplog.text
+    with pytest.raises(CCELLAError, match="sampler 'rflow'.*supported samplers: ddpm, ddim, dpm-solver\\+\\+"):
+        pipe("PI-RADS 2.", sampler="rflow", steps=2)
+
+
+def test_generate_cli_writes_volumes_preview_and_sidecar(trained, tmp_path, capsys):
+    report_file = tmp_path / "report.txt"
+    report_file.write_text("PI-RADS 4 lesion, right apex, 9 mm.", encoding="utf-8")
+    assert main(["generate", "--model", str(trained), "--report-file", str(report_file), "--steps", "2",
+                 "--out", str(tmp_path / "exam"), "--format", "nrrd", "--no-progress"]) == 0
+    out = tmp_path / "exam"
+    assert sorted(p.name for p in out.iterdir()) == ["adc.nrrd", "axt2.nrrd", "generation.json", "highb.nrrd",
+                                                    "preview.png"]
+    sidecar = json.loads((out / "generation.json").read_text(encoding="utf-8"))
+    assert sidecar["synthetic"] is True and sidecar["report"] == "PI-RADS 4 lesion, right apex, 9 mm."
+    assert sidecar["seed"] == 0 and sidecar["steps"] == 2 and sidecar["sampler"] == "dpm-solver++"
+    assert len(sidecar["model_hash"]) == 64
+    assert read_volume(out / "adc.nrrd").metadata[SYNTHETIC_KEY] == "true"
+    bad = tmp_path / "bad.txt"
+    bad.write_bytes(b"PI-RADS 4\n\xff\xfe lesion")
+    assert main(["generate", "--model", str(trained), "--report-file", str(bad), "--out", str(tmp_path / "x")]) == 1
+    err = capsys.readouterr().err
+    assert "bad.txt" in err and "UTF-8" in err
+    assert main(["generate", "--model", str(trained), "--report", "", "--out", str(tmp_path / "y")]) == 1
+    assert "--unconditional" in capsys.readouterr().err
+
+
+def test_model_directory_errors(trained, tmp_path):
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(trained, broken)
+    (broken / "ldm.safetensors").unlink()
+    with pytest.raises(CCELLAError, match="ldm.safetensors.*not found"):
+        CCELLAPipeline.from_pretrained(broken, device="cpu")
+    mismatched = tmp_path / "mismatched"
+    shutil.copytree(trained, mismatched)
+    cfg = (mismatched / "config.yaml").read_text(encoding="utf-8")
+    (mismatched / "config.yaml").write_text(cfg.replace("num_latents: 8", "num_latents: 16"), encoding="utf-8")
+    with pytest.raises(CCELLAError, match="ldm"):
+        CCELLAPipeline.from_pretrained(mismatched, device="cpu")
+    with pytest.raises(CCELLAError, match="not found"):
+        CCELLAPipeline.from_pretrained(tmp_path / "nowhere", device="cpu")
