@@ -26,6 +26,7 @@ from .models.ldm import LDMConfig
 from .models.losses import LossConfig
 from .models.text_encoder import TextEncoderConfig
 from .sampling.objectives import NoiseScheduleConfig
+from .training.autoencoder import AutoencoderTrainingConfig
 from .training.ldm import LDMTrainingConfig
 
 __all__ = ["CCELLAConfig", "PreprocessSection", "load_config", "PREPROCESS_TARGETS"]
@@ -65,6 +66,7 @@ class CCELLAConfig:
     diffusion: NoiseScheduleConfig = field(default_factory=NoiseScheduleConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     train_ldm: LDMTrainingConfig = field(default_factory=LDMTrainingConfig)
+    train_autoencoder: AutoencoderTrainingConfig = field(default_factory=AutoencoderTrainingConfig)
 
     def __post_init__(self) -> None:
         if not self.sequences or any(s not in SEQUENCES for s in self.sequences):

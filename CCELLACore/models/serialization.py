@@ -254,7 +254,9 @@ def _write_safetensors(module: nn.Module, path: Path, component: str) -> None:
 
     # Clones: safetensors refuses tensors that share storage (tied weights) and needs contiguous CPU tensors.
     state = {k: v.detach().to("cpu").contiguous().clone() for k, v in module.state_dict().items()}
-    save_file(state, str(path), metadata={"component": component, "format": "pt"})
+    # One metadata key: safetensors writes a map whose key order varies between processes, which would make the
+    # bytes (and model_hash) of identical weights differ.
+    save_file(state, str(path), metadata={"component": component})
 
 
 def save_model_dir(

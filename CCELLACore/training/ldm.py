@@ -40,6 +40,7 @@ from .ema import EMA
 from .latents import LatentData, encode_latents, load_latent_data, reference_intensities
 from .logs import MetricsLogger
 from .precision import autocast_context, choose_dtype, describe_device
+from .schedule import polynomial_lr, set_lr
 
 __all__ = ["LDMTrainingConfig", "train_ldm", "latent_batch"]
 
@@ -295,12 +296,11 @@ def train_ldm(
     steps_per_epoch = max(1, math.ceil(len(train) / (cfg.batch_size * ctx.world_size)))
     total_steps = cfg.max_steps or cfg.epochs * steps_per_epoch
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    scheduler = torch.optim.lr_scheduler.PolynomialLR(optimizer, total_iters=total_steps, power=cfg.lr_power)
     ema = EMA(model, decay=cfg.ema_decay, warmup=True)
     # The same state on every rank (see _step_loss): results do not depend on the number of processes.
     noise_gen = torch.Generator().manual_seed(cfg.seed * 7919 + 1)
     state = TrainingState(
-        models={"ldm": model}, optimizers={"adamw": optimizer}, schedulers={"lr": scheduler}, emas={"ldm": ema},
+        models={"ldm": model}, optimizers={"adamw": optimizer}, emas={"ldm": ema},
         generators={"noise": noise_gen}, config_hash=config_hash(_resume_relevant(config, cfg)),
     )
 
@@ -323,6 +323,8 @@ def train_ldm(
     model.train()
     end = total_steps if stop_after is None else min(total_steps, stop_after)
     while state.step < end:
+        lr = polynomial_lr(cfg.lr, state.step, total_steps, cfg.lr_power)
+        set_lr(optimizer, lr)
         global_index = latent_batch(train, state.step, cfg.batch_size, ctx.world_size, cfg.seed)
         losses = _step_loss(ddp_model, train, global_index, factors, group, objective, cfg, config.loss, null,
                             noise_gen, dtype, ctx, train=True)
@@ -334,14 +336,13 @@ def train_ldm(
             raise FloatingPointError(f"train-ldm: non-finite gradient at step {state.step + 1} (loss "
                                      f"{float(losses['total']):.4g}); lower train_ldm.lr or use fp32")
         optimizer.step()
-        scheduler.step()
         ema.update(model)
         state.step += 1
         state.epoch = state.step // steps_per_epoch
         bar.update(1)
         if state.step % cfg.log_every == 0 or state.step == total_steps:
             reduced = {k: float(ctx.all_reduce_mean(v)) for k, v in losses.items()}
-            metrics.log(state.step, **{f"train_{k}": v for k, v in reduced.items()}, lr=scheduler.get_last_lr()[0],
+            metrics.log(state.step, **{f"train_{k}": v for k, v in reduced.items()}, lr=lr,
                         grad_norm=float(grad_norm))
             bar.set_postfix(loss=f"{reduced['total']:.4f}")
         if val is not None and ctx.is_main and (state.step % cfg.validate_every == 0 or state.step == total_steps):

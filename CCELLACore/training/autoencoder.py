@@ -1,0 +1,601 @@
+"""``ccella train-autoencoder``: train (or fine-tune) the MAISI-architecture autoencoder on preprocessed exams.
+
+One process::
+
+    ccella train-autoencoder --config demo --manifest prep/manifest.csv --out runs/ae
+
+Several GPUs (DDP; NCCL on GPUs, gloo on CPUs)::
+
+    torchrun --standalone --nproc_per_node=4 Training/train_autoencoder.py --config paper --manifest ... --out ...
+
+Every sequence (AxT2, HighB, ADC) of every training exam is one single-channel sample, as in CCELLA++, where the one
+autoencoder encodes each sequence separately. The objective follows MAISI's VAE training except for the perceptual
+term, for which no pretrained network can be downloaded (decisions.md): L1 + SSIM + KL, plus MONAI's
+``PatchDiscriminator`` with a least-squares ``PatchAdversarialLoss`` when ``adversarial_weight > 0``.
+
+The data are read into memory once (a tiny or demo grid: 32x32x16 or 64x64x32 voxels, a few MB per exam); the sample
+order, crops and flips of step ``s`` derive from ``(seed, s)``, so a killed run started again with the same command
+continues bit-identically (weights, optimisers, EMA, RNG states and the step come from ``<out>/checkpoints``).
+The result is ``<out>/model``, a model directory with one component ``autoencoder`` (EMA weights when the EMA is on)
+that :func:`~CCELLACore.models.autoencoder.load_autoencoder_dir` loads.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from ..data.manifest import read_manifest
+from ..data.study import SEQUENCES
+from ..errors import ConfigError, DataError
+from .checkpoint import TrainingState, config_hash, find_checkpoint, load_checkpoint, save_checkpoint
+from .distributed import DistributedContext, init_distributed
+from .ema import EMA
+from .logs import MetricsLogger
+from .schedule import polynomial_lr, set_lr
+from .precision import autocast_context, choose_dtype, describe_device
+
+__all__ = [
+    "AutoencoderTrainingConfig",
+    "SequenceSamples",
+    "load_sequence_samples",
+    "sample_batch",
+    "kl_loss",
+    "reconstruction_metrics",
+    "train_autoencoder",
+]
+
+logger = logging.getLogger("CCELLACore")
+
+#: Intensities of an LDM-preprocessed volume lie in [0, 1]; a little slack for interpolation, none for raw data.
+_INTENSITY_RANGE = (-0.05, 1.05)
+
+
+@dataclass(frozen=True)
+class AutoencoderTrainingConfig:
+    """Optimisation settings of the autoencoder; defaults follow MAISI's VAE training (NV-Generate-CTMR) where it has
+    a value, and say so where they differ.
+
+    Attributes:
+        batch_size: samples (single-sequence volumes or patches) per process and step (MAISI: 1 per GPU).
+        max_steps: optimiser steps; the learning rate schedule spreads over exactly this many.
+        lr: AdamW learning rate (MAISI: 1e-4).
+        weight_decay: AdamW weight decay (MAISI uses Adam, i.e. 0).
+        lr_power: polynomial decay ``lr * (1 - step / max_steps) ** lr_power`` over the real step count.
+        grad_clip: max gradient norm of the autoencoder (and of the discriminator).
+        patch_size: random crop (X, Y, Z) per sample, each a multiple of the autoencoder's downsampling factor and at
+            most the grid; None trains on whole volumes. MAISI: 64^3 patches; validation always uses whole volumes.
+        l1_weight: weight of the L1 reconstruction loss (MAISI's "recon_loss: l1", weight 1).
+        ssim_weight: weight of MONAI's ``SSIMLoss(spatial_dims=3)`` (``1 - SSIM``, Gaussian window). It replaces
+            MAISI's perceptual loss (weight 0.3; its pretrained network cannot be downloaded) at the same weight.
+            SSIM rather than MS-SSIM: 5-scale MS-SSIM with an 11-voxel window needs >= 161 voxels per side, more
+            than a 64^3 patch or the demo's 32 slices, and MONAI has MS-SSIM only as a metric, not a loss.
+        ssim_win_size: SSIM window side in voxels (Wang et al. and MONAI: 11); every trained side must be >= it.
+        kl_weight: weight of the KL divergence to N(0, I) (MAISI: 1e-7; keeps latents near unit scale without
+            costing detail).
+        adversarial_weight: 0 = no discriminator (default: a GAN doubles the cost and needs care on small data);
+            > 0 adds MONAI's ``PatchDiscriminator`` (MAISI's: 3 layers, 32 channels, instance norm) with a
+            least-squares ``PatchAdversarialLoss`` and its own AdamW optimiser (MAISI: weight 0.1).
+        adversarial_start: steps of reconstruction-only training before the discriminator starts (so it does not
+            train against random reconstructions).
+        disc_channels / disc_layers: discriminator width and depth (MAISI: 32 / 3).
+        ema_decay: EMA of the weights saved as the model; 0 = no EMA (the final weights are saved).
+        train_splits / val_split: manifest splits trained on, and the split validated on ("" = no validation).
+        log_every / validate_every / checkpoint_every: in optimiser steps (the last step always does all three).
+        seed: base seed (weights, sample order, crops, flips, the latent noise).
+        random_flip: flip each sample left-right (axis 0, the patient's L-R axis on the LPS-oriented grid) with
+            probability 0.5; the anatomy is roughly symmetric, and the other axes are not.
+    """
+
+    batch_size: int = 1
+    max_steps: int = 100_000
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    lr_power: float = 2.0
+    grad_clip: float = 1.0
+    patch_size: tuple[int, int, int] | None = (64, 64, 64)
+    l1_weight: float = 1.0
+    ssim_weight: float = 0.3
+    ssim_win_size: int = 11
+    kl_weight: float = 1e-7
+    adversarial_weight: float = 0.0
+    adversarial_start: int = 10_000
+    disc_channels: int = 32
+    disc_layers: int = 3
+    ema_decay: float = 0.999
+    train_splits: tuple[str, ...] = ("train",)
+    val_split: str = "val"
+    log_every: int = 10
+    validate_every: int = 1000
+    checkpoint_every: int = 1000
+    seed: int = 0
+    random_flip: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("batch_size", "max_steps", "log_every", "validate_every", "checkpoint_every", "disc_channels",
+                     "disc_layers", "ssim_win_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not self.lr > 0 or self.weight_decay < 0 or self.lr_power < 0 or not self.grad_clip > 0:
+            raise ValueError("lr and grad_clip must be > 0, weight_decay and lr_power >= 0")
+        for name in ("l1_weight", "ssim_weight", "kl_weight", "adversarial_weight"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.l1_weight == 0 and self.ssim_weight == 0:
+            raise ValueError("l1_weight and ssim_weight are both 0: nothing would teach reconstruction")
+        if self.adversarial_start < 0:
+            raise ValueError(f"adversarial_start must be >= 0, got {self.adversarial_start}")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
+        if self.patch_size is not None and (len(self.patch_size) != 3 or min(self.patch_size) < 1):
+            raise ValueError(f"patch_size must be 3 positive sizes or null, got {self.patch_size}")
+        if not self.train_splits:
+            raise ValueError("train_splits must name at least one split")
+        if self.val_split and self.val_split in self.train_splits:
+            raise ValueError(f"val_split '{self.val_split}' is also a training split")
+
+
+# ------------------------------------------------------------------------------------------------------------- data
+@dataclass
+class SequenceSamples:
+    """Single-sequence volumes held in memory.
+
+    Attributes:
+        images: (N, 1, X, Y, Z) float32 intensities in [0, 1].
+        names: ``(case_id, sequence)`` of each sample.
+        spacing: voxel spacing (mm) of the grid shared by all samples.
+    """
+
+    images: torch.Tensor
+    names: list[tuple[str, str]]
+    spacing: tuple[float, float, float]
+
+    def __len__(self) -> int:
+        return int(self.images.shape[0])
+
+    @property
+    def grid_size(self) -> tuple[int, int, int]:
+        return tuple(int(s) for s in self.images.shape[2:])  # type: ignore[return-value]
+
+    @property
+    def n_exams(self) -> int:
+        return len({case for case, _ in self.names})
+
+
+def load_sequence_samples(studies, sequences: tuple[str, ...], *, grid_size: tuple[int, ...] | None = None,
+                          source: str | Path = "manifest") -> tuple[SequenceSamples | None, list[tuple[str, str]]]:
+    """Read every sequence of every study into one tensor; exams that cannot be used are skipped, not fatal.
+
+    Args:
+        studies: :class:`~CCELLACore.data.study.Study` records of a preprocessed (``--target ldm``) manifest.
+        sequences: the sequences to read from each exam (an exam lacking one is skipped).
+        grid_size: the grid every volume must have (default: that of the first readable exam).
+        source: the manifest, for error messages.
+
+    Returns:
+        ``(samples or None when no exam was usable, [(case_id, reason)] of the skipped exams)``; the reasons name the
+        file (missing, corrupt) or the grid.
+
+    Raises:
+        DataError: an exam's intensities are outside [0, 1]: the manifest was not preprocessed with ``--target ldm``.
+    """
+    arrays: list[np.ndarray] = []
+    names: list[tuple[str, str]] = []
+    skipped: list[tuple[str, str]] = []
+    spacing: tuple[float, float, float] | None = None
+    for study in studies:
+        try:
+            exam = study.load(sequences, masks=False)
+        except DataError as exc:
+            skipped.append((study.case_id, exc.reason))
+            continue
+        shapes = {tuple(v.shape) for v in exam.volumes.values()}
+        if len(shapes) != 1:
+            skipped.append((study.case_id, f"sequences on different grids {sorted(shapes)}; run `ccella preprocess`"))
+            continue
+        shape = shapes.pop()
+        if grid_size is None:
+            grid_size = shape
+        if shape != tuple(grid_size):
+            skipped.append((study.case_id, f"grid {shape} differs from {tuple(grid_size)} of the other exams; "
+                                           "run `ccella preprocess --target ldm` on all of them"))
+            continue
+        for seq in sequences:
+            array = np.asarray(exam.volumes[seq].array, dtype=np.float32)
+            lo, hi = float(array.min()), float(array.max())
+            if lo < _INTENSITY_RANGE[0] or hi > _INTENSITY_RANGE[1]:
+                raise DataError(study.case_id, f"{study.images[seq].name}: intensities {lo:.3g}..{hi:.3g} are not "
+                                f"normalised to [0, 1]; {source} must come from `ccella preprocess --target ldm`")
+            arrays.append(array)
+            names.append((study.case_id, seq))
+        if spacing is None:
+            spacing = tuple(float(s) for s in exam.reference.spacing)  # type: ignore[assignment]
+    if not arrays:
+        return None, skipped
+    images = torch.from_numpy(np.stack(arrays)[:, None]).clamp_(0.0, 1.0)
+    return SequenceSamples(images, names, spacing), skipped  # type: ignore[arg-type]
+
+
+def _step_generator(seed: int, step: int, stream: int) -> torch.Generator:
+    # One generator per (seed, step, purpose): nothing about the data order needs saving to resume.
+    return torch.Generator().manual_seed((seed * 1_000_003 + step) * 7 + stream)
+
+
+def sample_batch(n: int, step: int, batch_size: int, ctx: DistributedContext, seed: int,
+                 grid: tuple[int, int, int], patch: tuple[int, int, int] | None, flip: bool
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """This rank's samples of optimiser step ``step``, their crop corners and flips, all derived from ``(seed, step)``.
+
+    Epochs are permutations of the ``n`` samples, cut into global batches of ``batch_size * world_size``; rank r
+    takes every world_size-th sample of its global batch (the last batch of an epoch wraps around).
+
+    Returns:
+        ``(index (B,), corner (B, 3) crop start voxels, flipped (B,) bool)``.
+    """
+    global_batch = batch_size * ctx.world_size
+    steps_per_epoch = max(1, math.ceil(n / global_batch))
+    epoch, k = divmod(step, steps_per_epoch)
+    order = torch.randperm(n, generator=_step_generator(seed, epoch, 0))
+    chunk = order[k * global_batch: (k + 1) * global_batch]
+    while len(chunk) < global_batch:
+        chunk = torch.cat([chunk, order[: global_batch - len(chunk)]])
+    g = _step_generator(seed, step, 1)
+    if patch is None:
+        corners = torch.zeros(global_batch, 3, dtype=torch.long)
+    else:
+        corners = torch.stack([torch.randint(0, g_ - p + 1, (global_batch,), generator=g)
+                               for g_, p in zip(grid, patch)], dim=1)
+    flips = (torch.rand(global_batch, generator=g) < 0.5) & flip
+    return chunk[ctx.rank:: ctx.world_size], corners[ctx.rank:: ctx.world_size], flips[ctx.rank:: ctx.world_size]
+
+
+def _gather(images: torch.Tensor, index: torch.Tensor, corners: torch.Tensor, flips: torch.Tensor,
+            patch: tuple[int, int, int] | None) -> torch.Tensor:
+    """(B, 1, *patch) crops of ``images`` (N, 1, X, Y, Z), flipped along X where ``flips``."""
+    out = []
+    for i, corner, flipped in zip(index.tolist(), corners.tolist(), flips.tolist()):
+        x = images[i]
+        if patch is not None:
+            (a, b, c), (p, q, r) = corner, patch
+            x = x[:, a:a + p, b:b + q, c:c + r]
+        out.append(x.flip(1) if flipped else x)
+    return torch.stack(out)
+
+
+# ----------------------------------------------------------------------------------------------------------- losses
+def kl_loss(z_mu: torch.Tensor, z_sigma: torch.Tensor) -> torch.Tensor:
+    """KL divergence of N(mu, sigma^2) from N(0, I), summed over latent voxels and averaged over the batch (MAISI).
+
+    Args:
+        z_mu, z_sigma: (B, C, x, y, z).
+    """
+    var = z_sigma.float().pow(2)
+    kl = 0.5 * (z_mu.float().pow(2) + var - torch.log(var.clamp_min(1e-12)) - 1.0)
+    return kl.sum(dim=tuple(range(1, kl.ndim))).mean()
+
+
+@torch.no_grad()
+def reconstruction_metrics(model: nn.Module, images: torch.Tensor, device: torch.device, dtype: torch.dtype,
+                           ssim: nn.Module) -> torch.Tensor:
+    """Sums over whole volumes of L1, PSNR (dB, data range 1) and SSIM, and their count, reconstructing from the
+    posterior mean (no sampling, so validation draws no random numbers).
+
+    Args:
+        images: (N, 1, X, Y, Z) in [0, 1].
+
+    Returns:
+        (4,) float64 tensor ``[sum L1, sum PSNR, sum SSIM, N]`` on ``device`` (ready for a DDP sum-reduce).
+    """
+    totals = torch.zeros(4, dtype=torch.float64, device=device)
+    for i in range(images.shape[0]):
+        x = images[i:i + 1].to(device)
+        with autocast_context(device, dtype):
+            z_mu, _ = model.encode(x)
+            recon = model.decode(z_mu)
+        recon = recon.float().clamp(0.0, 1.0)
+        mse = (recon - x).pow(2).mean().clamp_min(1e-10)
+        totals[0] += (recon - x).abs().mean().double()
+        totals[1] += (10.0 * torch.log10(1.0 / mse)).double()
+        totals[2] += (1.0 - ssim(recon, x)).double().sum()
+        totals[3] += 1
+    return totals
+
+
+def _metrics_from_totals(totals: torch.Tensor) -> dict[str, float]:
+    n = max(float(totals[3]), 1.0)
+    return {"val_l1": float(totals[0]) / n, "val_psnr": float(totals[1]) / n, "val_ssim": float(totals[2]) / n}
+
+
+# ------------------------------------------------------------------------------------------------------------- job
+def _check_geometry(config, cfg: AutoencoderTrainingConfig, grid: tuple[int, int, int]) -> tuple[int, int, int] | None:
+    """The patch to crop (None = whole volume), after checking grid and patch against the autoencoder."""
+    factor = config.autoencoder.downsample_factor
+    if any(s % factor for s in grid):
+        raise ConfigError(f"the preprocessed grid {grid} must be divisible by the autoencoder's downsampling factor "
+                          f"{factor} on every axis; change the grid and preprocess again",
+                          key="preprocess.ldm.grid.size")
+    patch = cfg.patch_size
+    if patch is not None:
+        patch = tuple(int(p) for p in patch)
+        if any(p % factor for p in patch) or any(p > g for p, g in zip(patch, grid)):
+            raise ConfigError(f"patch_size {patch} must be a multiple of the downsampling factor {factor} and at most "
+                              f"the grid {grid} on every axis", key="train_autoencoder.patch_size")
+        if patch == grid:
+            patch = None
+    trained = patch or grid
+    if cfg.ssim_weight > 0 and min(trained) < cfg.ssim_win_size:
+        raise ConfigError(f"SSIM window {cfg.ssim_win_size} is larger than the trained volume {trained}",
+                          key="train_autoencoder.ssim_win_size")
+    if cfg.adversarial_weight > 0 and min(trained) < 2 ** (cfg.disc_layers + 2):
+        # Each layer halves the side; instance norm needs > 1 voxel at the last one.
+        raise ConfigError(f"a {cfg.disc_layers}-layer discriminator needs >= {2 ** (cfg.disc_layers + 2)} voxels per "
+                          f"side, the trained volume is {trained}", key="train_autoencoder.disc_layers")
+    return patch  # type: ignore[return-value]
+
+
+def _build_discriminator(cfg: AutoencoderTrainingConfig, in_channels: int) -> nn.Module:
+    from monai.networks.nets import PatchDiscriminator
+
+    # Instance norm as in MAISI: per-sample statistics, so DDP needs no synchronised batch norm.
+    return PatchDiscriminator(spatial_dims=3, num_layers_d=cfg.disc_layers, channels=cfg.disc_channels,
+                              in_channels=in_channels, out_channels=1, norm="INSTANCE")
+
+
+def _resume_relevant(config, cfg: AutoencoderTrainingConfig) -> dict:
+    """What a resumed run must share with the run it continues (not max_steps or the logging intervals)."""
+    return {"autoencoder": config.autoencoder,
+            "train": replace(cfg, max_steps=1, log_every=1, validate_every=1, checkpoint_every=1)}
+
+
+def _sum_reduce(ctx: DistributedContext, value: torch.Tensor) -> torch.Tensor:
+    if ctx.is_distributed:
+        import torch.distributed as dist
+
+        dist.all_reduce(value, op=dist.ReduceOp.SUM)
+    return value
+
+
+def train_autoencoder(
+    config,
+    manifest_path: str | Path,
+    out_dir: str | Path,
+    *,
+    device: str = "auto",
+    max_steps: int | None = None,
+    stop_after: int | None = None,
+    progress: bool = True,
+) -> Path:
+    """Train (or resume) the autoencoder; returns the model directory ``<out_dir>/model``.
+
+    Args:
+        config: the root config (:class:`~CCELLACore.settings.CCELLAConfig`) with sections ``autoencoder``
+            (:class:`~CCELLACore.models.autoencoder.AutoencoderConfig`; ``weights_path`` set = fine-tune those
+            weights, e.g. NVIDIA's MAISI file) and ``train_autoencoder`` (:class:`AutoencoderTrainingConfig`).
+        manifest_path: a manifest written by ``ccella preprocess --target ldm`` (volumes in [0, 1] on one grid).
+        out_dir: the run folder: ``checkpoints/``, ``metrics.csv`` and the final ``model/``.
+        device: ``"auto"``, ``"cpu"`` or ``"cuda"`` (under torchrun each rank takes its local GPU).
+        max_steps: overrides ``train_autoencoder.max_steps`` (the schedule spreads over it).
+        stop_after: stop after this step with a checkpoint and without writing the model, as a kill would (to train
+            a long schedule in pieces); running again continues exactly.
+        progress: tqdm bar on rank 0.
+
+    Returns:
+        ``<out_dir>/model`` (written only once training reached ``max_steps``).
+
+    Raises:
+        DataError: no usable exam in the training splits, or intensities not normalised to [0, 1].
+        ConfigError: a grid not divisible by the downsampling factor (``preprocess.ldm.grid.size``), a bad patch.
+        CCELLAError: a checkpoint written with another config, or ``weights_path`` not fitting the architecture.
+    """
+    from monai.losses import PatchAdversarialLoss, SSIMLoss
+    from tqdm.auto import tqdm
+
+    from ..models.autoencoder import build_autoencoder
+
+    cfg: AutoencoderTrainingConfig = config.train_autoencoder
+    if max_steps is not None:
+        cfg = replace(cfg, max_steps=max_steps)
+    ae_cfg = config.autoencoder
+    out_dir = Path(out_dir)
+    ctx = init_distributed(device)
+    dev = ctx.device
+    dtype = choose_dtype(dev)
+    if ctx.is_main:
+        logger.info("train-autoencoder on %s, %s, world size %d", describe_device(dev),
+                    str(dtype).replace("torch.", ""), ctx.world_size)
+
+    # 1. Data: every sequence of every usable exam, in memory.
+    manifest = read_manifest(manifest_path)
+    for problem in manifest.problems:
+        logger.warning("manifest: skipped case %s: %s", problem.case_id, problem.reason)
+    sequences = tuple(getattr(config, "sequences", SEQUENCES))
+    train_studies = [s for s in manifest.studies if s.split in cfg.train_splits]
+    val_studies = [s for s in manifest.studies if cfg.val_split and s.split == cfg.val_split]
+    train, skipped = load_sequence_samples(train_studies, sequences, source=manifest_path)
+    val, val_skipped = (load_sequence_samples(val_studies, sequences, grid_size=train.grid_size, source=manifest_path)
+                        if train is not None and val_studies else (None, []))
+    if ctx.is_main:
+        for case, reason in skipped + val_skipped:
+            logger.warning("skipped case %s: %s", case, reason)
+    if train is None:
+        raise DataError("<none>", f"{manifest_path}: no usable exam in splits {list(cfg.train_splits)} "
+                                  f"({len(train_studies)} listed, {len(skipped)} skipped)")
+    patch = _check_geometry(config, cfg, train.grid_size)
+    if ctx.is_main:
+        logger.info("%d training samples (%d exams x %d sequences), %d validation samples, grid %s",
+                    len(train), train.n_exams, len(sequences), 0 if val is None else len(val), train.grid_size)
+
+    # 2. Networks, optimisers, EMA (same seed on every rank; DDP also broadcasts rank 0's weights).
+    torch.manual_seed(cfg.seed)
+    model = build_autoencoder(ae_cfg, dev)  # loads ae_cfg.weights_path when set (fine-tuning)
+    if ae_cfg.weights_path is not None and ctx.is_main:
+        logger.info("fine-tuning from %s", Path(ae_cfg.weights_path).name)
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    models: dict[str, nn.Module] = {"autoencoder": model}
+    optimizers: dict[str, torch.optim.Optimizer] = {"autoencoder": optimizer}
+    use_gan = cfg.adversarial_weight > 0
+    if use_gan:
+        disc = _build_discriminator(cfg, ae_cfg.out_channels).to(dev).train()
+        disc_optimizer = torch.optim.AdamW(disc.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        models["discriminator"], optimizers["discriminator"] = disc, disc_optimizer
+        adv_loss = PatchAdversarialLoss(criterion="least_squares")
+    ema = EMA(model, decay=cfg.ema_decay, warmup=True) if cfg.ema_decay > 0 else None
+    # Built before the RNG is reseeded or restored from a checkpoint: its random init must not shift the noise.
+    eval_model = build_autoencoder(replace(ae_cfg, weights_path=None), dev).eval() if ema else model
+    torch.manual_seed(cfg.seed + 1 + ctx.rank)  # the reparameterisation noise differs per rank
+    state = TrainingState(models=models, optimizers=optimizers, emas={"autoencoder": ema} if ema else {},
+                          config_hash=config_hash(_resume_relevant(config, cfg)))
+    ckpt_dir = out_dir / "checkpoints"
+    if find_checkpoint(ckpt_dir) is not None:
+        load_checkpoint(ckpt_dir, state)
+        if ctx.is_main:
+            logger.info("resumed from %s at step %d", ckpt_dir, state.step)
+    ssim = SSIMLoss(spatial_dims=3, data_range=1.0, win_size=cfg.ssim_win_size)
+    ssim_per_volume = SSIMLoss(spatial_dims=3, data_range=1.0, win_size=cfg.ssim_win_size, reduction="none")
+    ddp_model = DistributedDataParallel(model) if ctx.is_distributed else model
+    ddp_disc = DistributedDataParallel(disc) if use_gan and ctx.is_distributed else (disc if use_gan else None)
+
+    def validate() -> dict[str, float]:
+        if val is None:
+            return {}
+        if ema:
+            ema.copy_to(eval_model)
+        was_training = model.training
+        eval_model.eval()
+        mine = val.images[ctx.rank:: ctx.world_size]
+        totals = _sum_reduce(ctx, reconstruction_metrics(eval_model, mine, dev, dtype, ssim_per_volume))
+        if was_training:
+            model.train()
+        return _metrics_from_totals(totals.cpu())
+
+    # 3. The loop.
+    total = cfg.max_steps
+    end = total if stop_after is None else min(total, stop_after)
+    metrics = MetricsLogger(out_dir, enabled=ctx.is_main, resume_step=state.step if state.step else None)
+    bar = tqdm(total=total, initial=state.step, desc="train-autoencoder", unit="step",
+               disable=not (progress and ctx.is_main))
+    last_val: dict[str, float] = {}
+    while state.step < end:
+        lr = polynomial_lr(cfg.lr, state.step, cfg.max_steps, cfg.lr_power)
+        index, corners, flips = sample_batch(len(train), state.step, cfg.batch_size, ctx, cfg.seed, train.grid_size,
+                                             patch, cfg.random_flip)
+        x = _gather(train.images, index, corners, flips, patch).to(dev)
+        gan_on = use_gan and state.step >= cfg.adversarial_start
+
+        set_lr(optimizer, lr)
+        with autocast_context(dev, dtype):
+            recon, z_mu, z_sigma = ddp_model(x)
+        recon = recon.float()
+        losses = {"l1": (recon - x).abs().mean(), "kl": kl_loss(z_mu, z_sigma)}
+        if cfg.ssim_weight > 0:
+            losses["ssim"] = ssim(recon, x)
+        total_loss = cfg.l1_weight * losses["l1"] + cfg.kl_weight * losses["kl"] + cfg.ssim_weight * losses.get(
+            "ssim", torch.zeros((), device=dev))
+        if gan_on:
+            disc.requires_grad_(False)  # the generator loss trains the autoencoder only
+            with autocast_context(dev, dtype):
+                logits_fake = disc(recon)[-1]
+            losses["gen_adv"] = adv_loss(logits_fake.float(), target_is_real=True, for_discriminator=False)
+            total_loss = total_loss + cfg.adversarial_weight * losses["gen_adv"]
+            disc.requires_grad_(True)
+        losses["total"] = total_loss
+        optimizer.zero_grad(set_to_none=True)
+        total_loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        optimizer.step()
+
+        if gan_on:
+            set_lr(disc_optimizer, lr)
+            with autocast_context(dev, dtype):
+                # Real and fake in one pass (instance norm: per sample), so DDP sees one forward per backward.
+                logits = ddp_disc(torch.cat([x, recon.detach()]))[-1].float()
+            real, fake = logits[: x.shape[0]], logits[x.shape[0]:]
+            losses["disc"] = 0.5 * (adv_loss(real, target_is_real=True, for_discriminator=True)
+                                    + adv_loss(fake, target_is_real=False, for_discriminator=True))
+            disc_optimizer.zero_grad(set_to_none=True)
+            losses["disc"].backward()
+            torch.nn.utils.clip_grad_norm_(disc.parameters(), cfg.grad_clip)
+            disc_optimizer.step()
+        if ema:
+            ema.update(model)
+        state.step += 1
+        state.epoch = state.step * cfg.batch_size * ctx.world_size // len(train)
+        bar.update(1)
+
+        final = state.step == total
+        if state.step % cfg.log_every == 0 or final:
+            reduced = {k: float(ctx.all_reduce_mean(v)) for k, v in losses.items()}
+            metrics.log(state.step, **{f"train_{k}": v for k, v in reduced.items()}, lr=lr,
+                        grad_norm=float(grad_norm))
+            bar.set_postfix(loss=f"{reduced['total']:.4f}")
+        if val is not None and (state.step % cfg.validate_every == 0 or final):
+            last_val = validate()
+            metrics.log(state.step, **last_val)
+        if state.step % cfg.checkpoint_every == 0 or final or state.step == end:
+            if ctx.is_main:
+                save_checkpoint(ckpt_dir, state)
+            ctx.barrier()
+    bar.close()
+    metrics.close()
+    model_dir = out_dir / "model"
+    if state.step < total:
+        if ctx.is_main:
+            logger.info("stopped after step %d of %d; run the same command to continue", state.step, total)
+        return model_dir
+    if val is not None and not last_val:  # resumed at the end: the figures for the card
+        last_val = validate()
+
+    # 4. The model directory (rank 0): EMA weights, configs, grid, validation figures, machine.
+    if ctx.is_main:
+        from ..models.serialization import ModelMetadata, save_model_dir
+
+        final_model = eval_model if ema else model
+        if ema:
+            ema.copy_to(final_model)
+        saved_cfg = replace(ae_cfg, weights_path=None)  # the weights live in the directory now
+        extra = {"steps": state.step, "train_exams": train.n_exams, "train_samples": len(train),
+                 "val_exams": 0 if val is None else val.n_exams, "ema": bool(ema), **last_val}
+        if ae_cfg.weights_path is not None:
+            extra["initialised_from"] = Path(ae_cfg.weights_path).name
+        metadata = ModelMetadata(sequences=sequences, grid_size=train.grid_size, spacing=train.spacing,
+                                 text_encoder="", extra=extra)
+        save_model_dir(model_dir, {"autoencoder": final_model}, {"autoencoder": saved_cfg, "train_autoencoder": cfg},
+                       metadata, _model_card(ae_cfg, cfg, metadata, last_val, describe_device(dev), dtype))
+        logger.info("wrote %s%s", model_dir, "".join(f", {k} {v:.4g}" for k, v in last_val.items()))
+    ctx.barrier()
+    return model_dir
+
+
+def _model_card(ae_cfg, cfg: AutoencoderTrainingConfig, metadata, val: dict[str, float], machine: str,
+                dtype: torch.dtype) -> str:
+    extra = metadata.extra
+    figures = (
+        f"- Validation ({extra['val_exams']} exams, every sequence, whole volumes, posterior mean): "
+        f"L1 {val['val_l1']:.4f}, PSNR {val['val_psnr']:.2f} dB, SSIM {val['val_ssim']:.4f}.\n"
+        if val else "- No validation split: no reconstruction figures.\n"
+    )
+    start = f" starting from {extra['initialised_from']}" if "initialised_from" in extra else ""
+    return (
+        "# CCELLA++ sequence autoencoder (MAISI architecture)\n\n"
+        f"- Encodes each of {', '.join(metadata.sequences)} separately to {ae_cfg.latent_channels} latent channels, "
+        f"{ae_cfg.downsample_factor}x smaller per axis; channels {list(ae_cfg.num_channels)}, residual blocks "
+        f"{list(ae_cfg.num_res_blocks)}.\n"
+        f"- Data grid: {metadata.grid_size} voxels at {metadata.spacing} mm, intensities normalised to [0, 1].\n"
+        f"- Trained{start} for {extra['steps']} steps on {extra['train_samples']} volumes ({extra['train_exams']} "
+        f"exams), batch {cfg.batch_size}, patch {cfg.patch_size or 'whole volume'}; loss {cfg.l1_weight} L1 + "
+        f"{cfg.ssim_weight} SSIM + {cfg.kl_weight:g} KL"
+        + (f" + {cfg.adversarial_weight} adversarial (from step {cfg.adversarial_start})" if cfg.adversarial_weight
+           else "")
+        + f"; {'EMA weights, decay ' + str(cfg.ema_decay) if extra['ema'] else 'final weights'}.\n"
+        + figures
+        + f"- Machine: {machine}; compute dtype {str(dtype).replace('torch.', '')}.\n"
+        "- Reconstructions are not diagnostic images.\n"
+    )

@@ -1,0 +1,54 @@
+"""``ccella train-autoencoder``: train (or fine-tune) the MAISI-architecture autoencoder on preprocessed exams.
+
+Usage:
+    ccella train-autoencoder --config demo --manifest prep/manifest.csv --out runs/ae
+    ccella train-autoencoder --config tiny --manifest prep/manifest.csv --out runs/ae --max-steps 20 --device cpu
+    torchrun --standalone --nproc_per_node=4 Training/train_autoencoder.py --config paper --manifest ... --out ...
+
+Writes ``<out>/checkpoints/`` (a re-run of the same command resumes exactly), ``<out>/metrics.csv`` and the model
+directory ``<out>/model`` (component ``autoencoder``), which ``ccella train-ldm --autoencoder <out>/model`` takes.
+To fine-tune NVIDIA's MAISI weights, set ``autoencoder.weights_path`` in a YAML config (the architecture must match).
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+__all__ = ["add_arguments", "run"]
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", default="paper", help="paper, tiny, demo or a path to a YAML config")
+    parser.add_argument("--manifest", required=True, type=Path,
+                        help="manifest written by `ccella preprocess --target ldm`")
+    parser.add_argument("--out", required=True, type=Path, help="run folder (checkpoints, metrics.csv, model/)")
+    parser.add_argument("--max-steps", type=_positive_int, help="optimiser steps (default: the config's)")
+    parser.add_argument("--stop-after", type=_positive_int,
+                        help="stop after this step with a checkpoint (train a long schedule in pieces)")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="where to train")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..settings import load_config
+    from .autoencoder import train_autoencoder
+
+    config = load_config(args.config)
+    model_dir = train_autoencoder(config, args.manifest, args.out, device=args.device, max_steps=args.max_steps,
+                                  stop_after=args.stop_after, progress=not args.no_progress)
+    import os
+
+    if int(os.environ.get("RANK", "0")) == 0:
+        if (model_dir / "model.json").is_file():
+            print(f"model: {model_dir}; metrics: {Path(args.out) / 'metrics.csv'}")
+        else:
+            print(f"stopped early; checkpoints in {Path(args.out) / 'checkpoints'}: run the same command to continue")
+    return 0
