@@ -1,0 +1,73 @@
+"""``ccella honour``: measure whether a model's generated exams honour their reports; write the model card's figures.
+
+Writes ``<out>/honour.json`` (per-case records and summary, no report text) and ``<out>/honour.md`` (a Markdown
+section for the model card); ``--update-card`` also puts that section into ``<model>/README.md`` between
+``<!-- honour:start -->`` and ``<!-- honour:end -->``. See :mod:`CCELLACore.metrics.honour` for the procedure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+from .honour import HonourSettings, evaluate_honour, honour_markdown, update_model_card, write_honour
+
+__all__ = ["add_arguments", "run"]
+
+logger = logging.getLogger("CCELLACore")
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from ..pipelines.generate_cli import DEMO_MODEL_DIR
+
+    parser.add_argument("--model", type=Path, default=DEMO_MODEL_DIR,
+                        help="model directory (default: the embedded demo model)")
+    parser.add_argument("--out", type=Path, required=True, help="output folder for honour.json and honour.md")
+    parser.add_argument("--n", type=_positive_int, default=50, help="phantom reports to generate from (default 50)")
+    parser.add_argument("--seed", type=int, default=1000,
+                        help="phantom seed of the evaluated reports; must not have been used in training (default 1000)")
+    parser.add_argument("--atlas-seed", type=int, default=2000, help="phantom seed of the gland-atlas exams (default 2000)")
+    parser.add_argument("--atlas-n", type=_positive_int, default=40, help="exams in the gland atlas (default 40)")
+    parser.add_argument("--steps", type=_positive_int, default=20, help="sampling steps (default 20)")
+    parser.add_argument("--sampler", default=None, help="ddpm, ddim, dpm-solver++ or rflow (default: the model's)")
+    parser.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance scale (default 1)")
+    parser.add_argument("--institution", type=int, choices=(1, 2), default=1, help="phantom institution (default 1)")
+    parser.add_argument("--phantom-size", type=int, nargs=3, metavar=("X", "Y", "Z"), default=None,
+                        help="grid the real phantom exams are rendered on (default: the institution's)")
+    parser.add_argument("--phantom-spacing", type=float, nargs=3, metavar=("SX", "SY", "SZ"), default=None,
+                        help="their voxel size in mm (default: the institution's)")
+    parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    parser.add_argument("--update-card", action="store_true",
+                        help="also write the section into the model directory's README.md (weights are untouched)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..pipelines.generation import CCELLAPipeline
+
+    settings = HonourSettings(
+        n=args.n, seed=args.seed, atlas_seed=args.atlas_seed, atlas_n=args.atlas_n, steps=args.steps,
+        sampler=args.sampler, guidance=args.guidance, institution=args.institution,
+        phantom_size=tuple(args.phantom_size) if args.phantom_size else None,
+        phantom_spacing=tuple(args.phantom_spacing) if args.phantom_spacing else None,
+    )
+    pipe = CCELLAPipeline.from_pretrained(args.model, device=args.device)
+    result = evaluate_honour(pipe, settings, progress=not args.no_progress)
+    json_path, md_path = write_honour(result, args.out)
+    summary = result["summary"]
+    logger.info("honour: lesion found %s (PI-RADS >= 4), %s (PI-RADS 1-2), %s (PI-RADS 3); side correct %s",
+                summary["pirads_4_5"]["lesion_found"]["count"], summary["pirads_1_2"]["lesion_found"]["count"],
+                summary["pirads_3"]["lesion_found"]["count"], summary["side_correct"]["count"])
+    print(f"wrote {json_path} and {md_path}")
+    if args.update_card:
+        card = update_model_card(args.model, honour_markdown(result))
+        print(f"updated the model card {card} (README only; the model hash is unchanged)")
+    return 0

@@ -1,0 +1,191 @@
+"""``ccella honour``: the report-faithfulness script on a tiny (untrained) model, the detector's validity on real
+phantom exams, the AUC helper and the model-card update."""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from CCELLACore.cli import main as ccella_main
+from CCELLACore.errors import CCELLAError
+from CCELLACore.metrics import honour_cli
+from CCELLACore.metrics.honour import (
+    CARD_END,
+    CARD_START,
+    GROUPS,
+    HonourSettings,
+    detector_validity,
+    evaluation_cases,
+    gland_atlas,
+    pirads_group,
+    rank_auc,
+    real_exam_on_grid,
+    report_side,
+    update_model_card,
+)
+from CCELLACore.models.autoencoder import build_autoencoder
+from CCELLACore.models.serialization import ModelMetadata, model_hash, save_model_dir
+from CCELLACore.settings import load_config
+
+TINY_PHANTOM = ["--phantom-size", "32", "32", "16", "--phantom-spacing", "4", "4", "4"]
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory) -> Path:
+    """A tiny CCELLA++ model directory: 6 phantoms at 32x32x16 / 4 mm, untrained autoencoder, 2 LDM steps."""
+    from CCELLACore.training.ldm import train_ldm
+
+    root = tmp_path_factory.mktemp("honour_model")
+    cfg = load_config("tiny")
+    assert ccella_main(["phantoms", "--institution", "1", "--n", "6", "--size", "32", "32", "16", "--spacing", "4",
+                        "4", "4", "--seed", "0", "--out", str(root / "ph"), "--layouts", "none", "--no-progress"]) == 0
+    assert ccella_main(["preprocess", "--manifest", str(root / "ph" / "manifest.csv"), "--config", "tiny", "--target",
+                        "ldm", "--out", str(root / "prep"), "--workers", "1", "--no-progress"]) == 0
+    grid = cfg.preprocess.ldm.grid
+    save_model_dir(root / "ae", {"autoencoder": build_autoencoder(cfg.autoencoder, "cpu")},
+                   {"autoencoder": cfg.autoencoder}, ModelMetadata(grid_size=grid.size, spacing=grid.spacing),
+                   "# tiny autoencoder")
+    return train_ldm(cfg, root / "prep" / "manifest.csv", root / "ae", root / "run", device="cpu", max_steps=2,
+                     progress=False)
+
+
+def _run_cli(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser()
+    honour_cli.add_arguments(parser)
+    return honour_cli.run(parser.parse_args(argv))
+
+
+def test_honour_script_on_a_tiny_model(tiny_model, tmp_path):
+    out = tmp_path / "honour"
+    hash_before = model_hash(tiny_model)
+    card_before = (tiny_model / "README.md").read_text(encoding="utf-8")
+    argv = ["--model", str(tiny_model), "--out", str(out), "--n", "4", "--atlas-n", "4", "--steps", "2",
+            "--device", "cpu", "--no-progress", "--update-card", *TINY_PHANTOM]
+    assert _run_cli(argv) == 0
+
+    result = json.loads((out / "honour.json").read_text(encoding="utf-8"))
+    records, summary, settings = result["records"], result["summary"], result["settings"]
+    cases = evaluation_cases(4, 1000)
+    assert [r["case_index"] for r in records] == [c.index for c in cases] == settings["case_indices"]
+    assert [r["seed"] for r in records] == [0, 1, 2, 3]
+    for record, case in zip(records, cases):
+        assert record["truth_pirads"] == case.truth.pirads and record["group"] == pirads_group(case.truth.pirads)
+        assert record["truth_side"] == report_side(case.truth)
+        assert isinstance(record["detected"], bool) and 0.0 <= record["probability"] <= 1.0
+        assert (record["detected_side"] is None) == (not record["detected"])
+        assert set(record) >= {"case_index", "truth_pirads", "truth_side", "detected", "detected_side", "probability"}
+        assert "report" not in record
+    # Counts add up: every case in exactly one group; found counts match the records.
+    assert sum(summary[g]["lesion_found"]["n"] for g in GROUPS) == 4
+    for group in GROUPS:
+        members = [r for r in records if r["group"] == group]
+        found = summary[group]["lesion_found"]
+        assert found["n"] == len(members) and found["k"] == sum(r["detected"] for r in members)
+        assert found["count"] == f"{found['k']}/{found['n']}"
+    sided = [r for r in records if r["detected"] and r["truth_side"] is not None]
+    assert summary["side_correct"]["n"] == len(sided)
+    assert summary["side_correct"]["k"] == sum(r["detected_side"] == r["truth_side"] for r in sided)
+    labels = [r["truth_label"] for r in records]
+    assert summary["auc"]["positives"] == labels.count(1) and summary["auc"]["negatives"] == labels.count(0)
+    assert settings["model_hash"] == hash_before and settings["steps"] == 2 and settings["n"] == 4
+    assert settings["sampler"] == "dpm-solver++" and settings["machine"].startswith("CPU")
+    assert result["atlas"]["voxels"] > 100
+    validity = result["detector_validity"]
+    assert len(validity["records"]) == 4
+    assert set(validity["summary"]) == {"model_atlas", "model_own", "physical_atlas", "physical_own"}
+
+    markdown = (out / "honour.md").read_text(encoding="utf-8")
+    assert "| Measure | Result | Target |" in markdown
+    assert f"| Lesion found, report PI-RADS >= 4 | {summary['pirads_4_5']['lesion_found']['count']}" in markdown
+    assert hash_before in markdown and "Wall time" in markdown
+    # No report text anywhere in the outputs (any 30-character piece of any report).
+    outputs = (out / "honour.json").read_text(encoding="utf-8") + markdown
+    for case in cases:
+        text = " ".join(case.report.split())
+        assert all(text[i : i + 30] not in outputs for i in range(0, max(len(text) - 30, 1), 15))
+
+    # --update-card: the section sits between the markers, the old card is kept, the weights' hash is unchanged.
+    card = (tiny_model / "README.md").read_text(encoding="utf-8")
+    assert card.startswith(card_before.rstrip()) and card.count(CARD_START) == 1 and card.count(CARD_END) == 1
+    assert markdown.strip() in card
+    assert model_hash(tiny_model) == hash_before
+
+
+def test_model_card_update_replaces_appends_and_refuses_broken_markers(tiny_model):
+    card_path = tiny_model / "README.md"
+    original = card_path.read_text(encoding="utf-8")
+    try:
+        card_path.write_text(f"# Card\n\nbefore\n{CARD_START}\nold figures\n{CARD_END}\nafter\n", encoding="utf-8")
+        update_model_card(tiny_model, "## Report faithfulness\nnew figures\n")
+        text = card_path.read_text(encoding="utf-8")
+        assert text == f"# Card\n\nbefore\n{CARD_START}\n## Report faithfulness\nnew figures\n{CARD_END}\nafter\n"
+        card_path.write_text("# Card\n", encoding="utf-8")
+        update_model_card(tiny_model, "figures")
+        assert card_path.read_text(encoding="utf-8") == f"# Card\n\n{CARD_START}\nfigures\n{CARD_END}\n"
+        card_path.write_text(f"# Card\n{CARD_END}\n", encoding="utf-8")
+        with pytest.raises(CCELLAError, match="honour:start"):
+            update_model_card(tiny_model, "figures")
+    finally:
+        card_path.write_text(original, encoding="utf-8")
+
+
+def test_detector_validity_on_real_phantom_exams_at_the_tiny_grid():
+    """Measured at the tiny grid (32x32x16 / 4 mm phantoms, seed 1000, first 12 non-empty reports: 4 PI-RADS >= 4,
+    6 PI-RADS 1-2): in physical units the detector finds 4/4 with 0/6 false positives, with the atlas or the own
+    gland mask. (In the model's normalised representation HighB lesions saturate at the 99.5th percentile and it
+    finds 1/4; that figure is reported, not asserted.)"""
+    config = load_config("tiny").preprocess.ldm
+    settings = HonourSettings(n=12, atlas_n=8, phantom_size=(32, 32, 16), phantom_spacing=(4.0, 4.0, 4.0))
+    cases = evaluation_cases(12, settings.seed)
+    atlas = gland_atlas(config, settings)
+    assert atlas.shape == (32, 32, 16)
+    # The atlas covers the glands of evaluation exams it never saw (Dice against their own masks).
+    own = real_exam_on_grid(cases[0].index, settings.seed, config, settings).masks["gland"].array > 0
+    assert 2 * (atlas & own).sum() / (atlas.sum() + own.sum()) > 0.7
+
+    summary = detector_validity(cases, config, atlas, settings)["summary"]
+    for key in ("physical_atlas", "physical_own"):
+        sensitivity, false_positives = summary[key]["sensitivity"], summary[key]["false_positive_rate"]
+        assert sensitivity["n"] == 4 and false_positives["n"] == 6
+        assert sensitivity["rate"] > 0.5
+        assert false_positives["rate"] <= 0.2
+        assert summary[key]["side_correct"]["rate"] >= 0.5
+    for key in ("model_atlas", "model_own"):
+        assert summary[key]["sensitivity"]["n"] == 4 and summary[key]["false_positive_rate"]["rate"] <= 0.2
+
+
+def test_rank_auc_matches_the_pairwise_definition():
+    assert rank_auc([0.1, 0.2, 0.8, 0.9], [0, 0, 1, 1]) == 1.0
+    assert rank_auc([0.9, 0.8, 0.2, 0.1], [0, 0, 1, 1]) == 0.0
+    assert rank_auc([0.1, 0.4, 0.35, 0.8], [0, 0, 1, 1]) == 0.75
+    assert rank_auc([0.5, 0.5, 0.2, 0.9], [1, 0, 0, 1]) == 0.875  # a tie counts one half
+    assert rank_auc([0.3, 0.3, 0.3], [0, 1, 0]) == 0.5
+    assert rank_auc([0.2, 0.7], [1, 1]) is None and rank_auc([], []) is None
+    rng = np.random.default_rng(0)
+    scores = np.round(rng.random(40), 1)  # many ties
+    labels = (rng.random(40) < 0.4).astype(int)
+    pairs = [(p, q) for p, q in itertools.product(scores[labels == 1], scores[labels == 0])]
+    expected = sum(1.0 if p > q else 0.5 if p == q else 0.0 for p, q in pairs) / len(pairs)
+    assert rank_auc(scores.tolist(), labels.tolist()) == pytest.approx(expected, abs=1e-12)
+
+
+def test_groups_sides_and_settings():
+    cases = evaluation_cases(20, 1000)
+    assert len(cases) == 20 and all(case.report.strip() for case in cases)
+    assert [c.index for c in cases] == sorted(c.index for c in cases)
+    for case in cases:
+        side = report_side(case.truth)
+        if case.truth.pirads <= 2:
+            assert side is None and pirads_group(case.truth.pirads) == "pirads_1_2"
+        else:
+            top = max(lesion.pirads for lesion in case.truth.lesions)
+            assert top == case.truth.pirads and side in ("left", "right")
+    with pytest.raises(CCELLAError, match="atlas seed"):
+        HonourSettings(seed=5, atlas_seed=5)
+    with pytest.raises(CCELLAError, match="n, atlas_n and steps"):
+        HonourSettings(n=0)
