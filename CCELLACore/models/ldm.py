@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from .adapter import AdapterConfig, CCELLAAdapter
+from .text_encoder import pad_tokens
 from .unet import CCELLAUNet, UNetConfig
 
 __all__ = ["LDMConfig", "LDMOutput", "CCELLALDM", "ConditionDropout", "condition_dropout"]
@@ -106,16 +107,6 @@ class ConditionDropout(NamedTuple):
     dropped: torch.Tensor
 
 
-def _pad_tokens(features: torch.Tensor, mask: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Pad (B, L, D) features with zeros and (B, L) mask with False up to ``length`` tokens."""
-    extra = length - features.shape[1]
-    if extra <= 0:
-        return features, mask
-    features = torch.cat([features, features.new_zeros(features.shape[0], extra, features.shape[2])], dim=1)
-    mask = torch.cat([mask, mask.new_zeros(mask.shape[0], extra)], dim=1)
-    return features, mask
-
-
 def condition_dropout(
     text_features: torch.Tensor,
     text_mask: torch.Tensor,
@@ -159,8 +150,8 @@ def condition_dropout(
     dropped = dropped.to(text_features.device)
 
     length = max(text_features.shape[1], null_features.shape[1])
-    features, mask = _pad_tokens(text_features, text_mask, length)
-    null_f, null_m = _pad_tokens(null_features.to(features), null_mask.to(mask.device), length)
+    features, mask = pad_tokens(text_features, text_mask, length)
+    null_f, null_m = pad_tokens(null_features.to(features), null_mask.to(mask.device), length)
     features = torch.where(dropped[:, None, None], null_f.expand(batch, -1, -1), features)
     mask = torch.where(dropped[:, None], null_m.expand(batch, -1), mask)
     return ConditionDropout(features, mask, dropped)

@@ -34,6 +34,7 @@ __all__ = [
     "TextEncoderConfig",
     "TextEncoderError",
     "TextEncoding",
+    "pad_tokens",
     "TextEncoder",
     "resolve_model_dir",
 ]
@@ -75,6 +76,16 @@ class TextEncoderConfig:
             raise ValueError("name_or_path is empty: give a model folder or an installed model package")
         if self.max_tokens is not None and self.max_tokens < 2:
             raise ValueError(f"max_tokens must be >= 2 (room for the special tokens), got {self.max_tokens}")
+
+
+def pad_tokens(features: torch.Tensor, mask: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pad features (B, L, D) with zeros and mask (B, L) with False along L up to ``length`` (no-op if not longer)."""
+    extra = length - features.shape[1]
+    if extra <= 0:
+        return features, mask
+    features = torch.cat([features, features.new_zeros(features.shape[0], extra, *features.shape[2:])], dim=1)
+    mask = torch.cat([mask, mask.new_zeros(mask.shape[0], extra)], dim=1)
+    return features, mask
 
 
 @dataclass(frozen=True)
@@ -123,12 +134,7 @@ class TextEncoding:
             raise ValueError(f"cannot pad to {length} tokens: a report has {longest}")
         if length < current:
             return TextEncoding(self.features[:, :length], self.mask[:, :length], self.truncated)
-        b, _, d = self.features.shape
-        features = self.features.new_zeros(b, length, d)
-        features[:, :current] = self.features
-        mask = self.mask.new_zeros(b, length)
-        mask[:, :current] = self.mask
-        return TextEncoding(features, mask, self.truncated)
+        return TextEncoding(*pad_tokens(self.features, self.mask, length), self.truncated)
 
     @staticmethod
     def cat(encodings: Sequence["TextEncoding"], length: int | None = None) -> "TextEncoding":

@@ -13,6 +13,7 @@ from typing import Any, NamedTuple
 import torch
 
 from ..errors import CCELLAError
+from ..models.text_encoder import pad_tokens
 
 __all__ = ["GuidedPrediction", "guided_prediction", "concat_conditions", "DEFAULT_PAD_KEYS"]
 
@@ -34,16 +35,6 @@ def _expand_batch(value: torch.Tensor, batch: int, key: str) -> torch.Tensor:
     if value.shape[0] == 1:
         return value.expand(batch, *value.shape[1:])
     raise CCELLAError(f"guidance: condition '{key}' has batch {value.shape[0]}, expected {batch} or 1")
-
-
-def _pad_tokens(features: torch.Tensor, mask: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Pad features (B, L, D) and mask (B, L) along L to ``length`` with zeros / False."""
-    extra = length - features.shape[1]
-    if extra == 0:
-        return features, mask
-    features = torch.cat([features, features.new_zeros(features.shape[0], extra, *features.shape[2:])], dim=1)
-    mask = torch.cat([mask, mask.new_zeros(mask.shape[0], extra)], dim=1)
-    return features, mask
 
 
 def concat_conditions(
@@ -78,7 +69,7 @@ def concat_conditions(
             mask = side.get(mask_key)
             if mask is None:
                 mask = torch.ones(feats.shape[:2], dtype=torch.bool, device=feats.device)
-            side[feat_key], side[mask_key] = _pad_tokens(feats, mask.bool(), length)
+            side[feat_key], side[mask_key] = pad_tokens(feats, mask.bool(), length)
     return {k: torch.cat([cond[k], uncond[k]], dim=0) for k in cond}
 
 
