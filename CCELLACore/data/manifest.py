@@ -17,7 +17,7 @@ report          free-text report (CSV-quoted; may be empty)
 pirads          case-level PI-RADS 1-5
 isup            case-level ISUP grade group 0-5
 label           csPCa label 0/1
-label_source    histopathology, pirads, annotation or none
+label_source    histopathology, pirads, annotation, predicted (synthetic exams) or none
 ==============  =====================================================================================
 
 Reading is lenient per row and strict per file: an unknown column is an error naming the column and file (a typo

@@ -40,6 +40,7 @@ class LabelSource(str, enum.Enum):
     HISTOPATHOLOGY = "histopathology"  # ISUP grade group known: csPCa = ISUP >= 2
     PIRADS = "pirads"  # no histopathology: PI-RADS >= 4 stands in
     ANNOTATION = "annotation"  # Prostate158: a tumour annotation exists
+    PREDICTED = "predicted"  # synthetic exams: the class the generating model predicted from the report
     NONE = "none"  # unlabelled
 
 

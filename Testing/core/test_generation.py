@@ -18,30 +18,12 @@ from CCELLACore.cli import main
 from CCELLACore.data import read_volume
 from CCELLACore.data.volume import SYNTHETIC_KEY
 from CCELLACore.errors import CCELLAError
-from CCELLACore.models.autoencoder import build_autoencoder
-from CCELLACore.models.serialization import ModelMetadata, save_model_dir
 from CCELLACore.pipelines.generation import CCELLAPipeline
 from CCELLACore.reports import ReportError
 from CCELLACore.settings import load_config
 from CCELLACore.training.ldm import train_ldm
 
 REPO = Path(__file__).resolve().parents[2]
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    """8 tiny phantom exams preprocessed for the LDM, and an (untrained) tiny autoencoder model directory."""
-    root = tmp_path_factory.mktemp("ldm_data")
-    assert main(["phantoms", "--institution", "1", "--n", "8", "--size", "32", "32", "16", "--spacing", "4", "4", "4",
-                 "--seed", "0", "--out", str(root / "phantoms"), "--layouts", "none", "--no-progress"]) == 0
-    assert main(["preprocess", "--manifest", str(root / "phantoms" / "manifest.csv"), "--config", "tiny",
-                 "--target", "ldm", "--out", str(root / "prep"), "--workers", "1", "--no-progress"]) == 0
-    config = load_config("tiny")
-    torch.manual_seed(0)
-    autoencoder = build_autoencoder(config.autoencoder)
-    save_model_dir(root / "ae", {"autoencoder": autoencoder}, {"autoencoder": config.autoencoder},
-                   ModelMetadata(grid_size=(32, 32, 16), spacing=(4.0, 4.0, 4.0)), "untrained tiny autoencoder")
-    return root
 
 
 def _weights(model_dir: Path) -> dict[str, torch.Tensor]:
@@ -53,14 +35,6 @@ def _metrics(run: Path) -> list[dict[str, str]]:
 
     with (run / "metrics.csv").open(encoding="utf-8") as f:
         return list(csv.DictReader(f))
-
-
-@pytest.fixture(scope="module")
-def trained(data, tmp_path_factory):
-    """A tiny model trained 6 steps in one go (shared by the generation tests)."""
-    run = tmp_path_factory.mktemp("run_full")
-    return train_ldm(load_config("tiny"), data / "prep" / "manifest.csv", data / "ae", run, device="cpu",
-                     progress=False)
 
 
 def test_training_writes_model_metrics_and_checkpoint(trained):
