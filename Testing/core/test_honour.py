@@ -11,7 +11,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from CCELLACore.cli import main as ccella_main
 from CCELLACore.errors import CCELLAError
 from CCELLACore.metrics import honour_cli
 from CCELLACore.metrics.honour import (
@@ -28,30 +27,18 @@ from CCELLACore.metrics.honour import (
     report_side,
     update_model_card,
 )
-from CCELLACore.models.autoencoder import build_autoencoder
-from CCELLACore.models.serialization import ModelMetadata, model_hash, save_model_dir
+from CCELLACore.models.serialization import model_hash
 from CCELLACore.settings import load_config
 
 TINY_PHANTOM = ["--phantom-size", "32", "32", "16", "--phantom-spacing", "4", "4", "4"]
 
 
 @pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory) -> Path:
-    """A tiny CCELLA++ model directory: 6 phantoms at 32x32x16 / 4 mm, untrained autoencoder, 2 LDM steps."""
-    from CCELLACore.training.ldm import train_ldm
+def tiny_model(trained, tmp_path_factory) -> Path:
+    """A copy of the session's tiny model (conftest.py), since --update-card edits the model's README."""
+    import shutil
 
-    root = tmp_path_factory.mktemp("honour_model")
-    cfg = load_config("tiny")
-    assert ccella_main(["phantoms", "--institution", "1", "--n", "6", "--size", "32", "32", "16", "--spacing", "4",
-                        "4", "4", "--seed", "0", "--out", str(root / "ph"), "--layouts", "none", "--no-progress"]) == 0
-    assert ccella_main(["preprocess", "--manifest", str(root / "ph" / "manifest.csv"), "--config", "tiny", "--target",
-                        "ldm", "--out", str(root / "prep"), "--workers", "1", "--no-progress"]) == 0
-    grid = cfg.preprocess.ldm.grid
-    save_model_dir(root / "ae", {"autoencoder": build_autoencoder(cfg.autoencoder, "cpu")},
-                   {"autoencoder": cfg.autoencoder}, ModelMetadata(grid_size=grid.size, spacing=grid.spacing),
-                   "# tiny autoencoder")
-    return train_ldm(cfg, root / "prep" / "manifest.csv", root / "ae", root / "run", device="cpu", max_steps=2,
-                     progress=False)
+    return Path(shutil.copytree(trained, tmp_path_factory.mktemp("honour_model") / "model"))
 
 
 def _run_cli(argv: list[str]) -> int:
