@@ -13,7 +13,7 @@ import sys
 
 from .errors import CCELLAError
 
-__all__ = ["main", "COMMANDS"]
+__all__ = ["main", "COMMANDS", "positive_int"]
 
 #: subcommand -> (module implementing it, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -27,6 +27,14 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "synthesize": ("CCELLACore.pipelines.synthesize_cli", "one synthetic exam per real exam of a manifest (torchrun-sharded, resumable)"),
     "honour": ("CCELLACore.metrics.honour_cli", "measure whether generated exams honour their reports; write the model card's figures"),
 }
+
+
+def positive_int(text: str) -> int:
+    """argparse type for counts that must be >= 1 (steps, workers, cases)."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:

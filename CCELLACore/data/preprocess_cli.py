@@ -13,14 +13,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from ..cli import positive_int
+
 __all__ = ["add_arguments", "run"]
-
-
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -29,7 +24,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--target", choices=("ldm", "classifier"), default="ldm",
                         help="which grid and normalisation of the config's preprocess section to use")
     parser.add_argument("--out", required=True, type=Path, help="output folder")
-    parser.add_argument("--workers", type=_positive_int, default=2, help="worker processes (1 = in this process)")
+    parser.add_argument("--workers", type=positive_int, default=2, help="worker processes (1 = in this process)")
     parser.add_argument("--allow-missing", action="store_true",
                         help="process studies lacking HighB or ADC with the sequences they have (default: skip them)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")

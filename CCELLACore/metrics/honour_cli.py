@@ -11,18 +11,13 @@ import argparse
 import logging
 from pathlib import Path
 
+from ..cli import positive_int
+
 from .honour import HonourSettings, evaluate_honour, honour_markdown, update_model_card, write_honour
 
 __all__ = ["add_arguments", "run"]
 
 logger = logging.getLogger("CCELLACore")
-
-
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -31,12 +26,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", type=Path, default=DEMO_MODEL_DIR,
                         help="model directory (default: the embedded demo model)")
     parser.add_argument("--out", type=Path, required=True, help="output folder for honour.json and honour.md")
-    parser.add_argument("--n", type=_positive_int, default=50, help="phantom reports to generate from (default 50)")
+    parser.add_argument("--n", type=positive_int, default=50, help="phantom reports to generate from (default 50)")
     parser.add_argument("--seed", type=int, default=1000,
                         help="phantom seed of the evaluated reports; must not have been used in training (default 1000)")
     parser.add_argument("--atlas-seed", type=int, default=2000, help="phantom seed of the gland-atlas exams (default 2000)")
-    parser.add_argument("--atlas-n", type=_positive_int, default=40, help="exams in the gland atlas (default 40)")
-    parser.add_argument("--steps", type=_positive_int, default=20, help="sampling steps (default 20)")
+    parser.add_argument("--atlas-n", type=positive_int, default=40, help="exams in the gland atlas (default 40)")
+    parser.add_argument("--steps", type=positive_int, default=20, help="sampling steps (default 20)")
     parser.add_argument("--sampler", default=None, help="ddpm, ddim, dpm-solver++ or rflow (default: the model's)")
     parser.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance scale (default 1)")
     parser.add_argument("--institution", type=int, choices=(1, 2), default=1, help="phantom institution (default 1)")

@@ -15,14 +15,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from ..cli import positive_int
+
 __all__ = ["add_arguments", "run"]
-
-
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -30,8 +25,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--manifest", required=True, type=Path,
                         help="manifest written by `ccella preprocess --target ldm`")
     parser.add_argument("--out", required=True, type=Path, help="run folder (checkpoints, metrics.csv, model/)")
-    parser.add_argument("--max-steps", type=_positive_int, help="optimiser steps (default: the config's)")
-    parser.add_argument("--stop-after", type=_positive_int,
+    parser.add_argument("--max-steps", type=positive_int, help="optimiser steps (default: the config's)")
+    parser.add_argument("--stop-after", type=positive_int,
                         help="stop after this step with a checkpoint (train a long schedule in pieces)")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="where to train")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
