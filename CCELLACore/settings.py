@@ -25,6 +25,7 @@ from .models.autoencoder import AutoencoderConfig
 from .models.ldm import LDMConfig
 from .models.losses import LossConfig
 from .models.text_encoder import TextEncoderConfig
+from .pipelines.generation import SamplingConfig
 from .sampling.objectives import NoiseScheduleConfig
 from .training.autoencoder import AutoencoderTrainingConfig
 from .training.ldm import LDMTrainingConfig
@@ -67,6 +68,7 @@ class CCELLAConfig:
     loss: LossConfig = field(default_factory=LossConfig)
     train_ldm: LDMTrainingConfig = field(default_factory=LDMTrainingConfig)
     train_autoencoder: AutoencoderTrainingConfig = field(default_factory=AutoencoderTrainingConfig)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
 
     def __post_init__(self) -> None:
         if not self.sequences or any(s not in SEQUENCES for s in self.sequences):

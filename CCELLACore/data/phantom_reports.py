@@ -107,7 +107,7 @@ def _lesion_sentence(truth: "CaseTruth", lesion: "LesionTruth", rng: np.random.G
     if lesion.pirads == 3:
         dwi = _pick(rng, ("with mild/moderate restricted diffusion", f"mildly bright on b{b}, moderately dark on ADC ({adc} µm²/s)", "with focal mild-to-moderate restriction"))
     score = score_phrase(lesion.pirads, rng)
-    label = _pick(rng, (f"Lesion {lesion.index}", f"Index lesion" if lesion.index == 1 else f"Lesion {lesion.index}", f"#{lesion.index}"))
+    label = _pick(rng, (f"Lesion {lesion.index}", "Index lesion" if lesion.index == 1 else f"Lesion {lesion.index}", f"#{lesion.index}"))
     epe = ""
     if lesion.epe:
         epe = " " + _pick(rng, ("Definite extraprostatic extension (EPE).", "Capsular bulge with EPE.", "Broad capsular contact with extraprostatic extension."))

@@ -43,11 +43,11 @@ from typing import Any, Literal
 
 import numpy as np
 
-from ..errors import DataError, VolumeError
+from ..errors import DataError
 from ..fileio import atomic_write_json, read_json
 from .batch import BatchSummary
 from .study import MASKS, SEQUENCES, Exam, Study, read_case_volume
-from .volume import Volume, make_grid, read_volume, resample_to_grid, write_volume
+from .volume import Volume, make_grid, resample_to_grid, write_volume
 
 __all__ = [
     "GridConfig",

@@ -40,14 +40,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", type=Path, default=DEMO_MODEL_DIR,
                         help="model directory (default: the embedded demo model)")
     parser.add_argument("--seed", type=int, default=0, help="random seed (default 0); batch item k uses seed + k")
-    parser.add_argument("--steps", type=int, default=20, help="sampling steps (default 20; DDPM: up to 1000)")
+    parser.add_argument("--steps", type=int, default=None,
+                        help="sampling steps (default: the model's sampling config; DDPM: up to 1000)")
     parser.add_argument("--sampler", default=None, help="ddpm, ddim, dpm-solver++ (noise models) or rflow "
-                        "(velocity models); default dpm-solver++ / rflow")
-    parser.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance scale (1 = none)")
+                        "(velocity models); default: the model's sampling config")
+    parser.add_argument("--guidance", type=float, default=None,
+                        help="classifier-free guidance scale (1 = none; default: the model's sampling config)")
     parser.add_argument("--spacing", type=float, nargs=3, metavar=("SX", "SY", "SZ"), default=None,
                         help="output voxel spacing in mm (default: the training set's median)")
     parser.add_argument("--format", choices=sorted(_FORMATS), default="nifti", help="volume file format")
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    parser.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
+                        help="auto: bf16 where the GPU or CPU has it natively, else fp32")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -113,7 +117,10 @@ def run(args: argparse.Namespace) -> int:
     if not args.model.is_dir():
         raise CCELLAError(f"{args.model}: model directory not found (train one with ccella train-ldm, or use the "
                           "embedded demo model by leaving out --model)")
-    pipe = CCELLAPipeline.from_pretrained(args.model, device=args.device)
+    import torch
+
+    dtype = {"auto": None, "fp32": torch.float32, "bf16": torch.bfloat16}[args.precision]
+    pipe = CCELLAPipeline.from_pretrained(args.model, device=args.device, dtype=dtype)
     single = len(reports) == 1
     failures = 0
     for k, (name, report) in enumerate(reports):

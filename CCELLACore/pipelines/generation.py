@@ -26,14 +26,33 @@ from ..sampling.guidance import guided_prediction
 from ..sampling.samplers import SUPPORTED_SAMPLERS, make_sampler
 from ..training.precision import autocast_context, choose_dtype, describe_device
 
-__all__ = ["CCELLAPipeline", "GenerationOutput", "MODEL_HASH_KEY", "DEFAULT_SAMPLER"]
+__all__ = ["CCELLAPipeline", "GenerationOutput", "SamplingConfig", "MODEL_HASH_KEY", "DEFAULT_SAMPLER"]
 
 logger = logging.getLogger("CCELLACore")
 
 #: Metadata key carrying the generating model's hash in every synthetic volume (Slicer shows it on the node).
 MODEL_HASH_KEY = "CCELLA_model_sha256"
-#: Default sampler per objective: few steps, accurate (see CCELLACore.sampling.samplers).
+#: Sampler per objective when neither the call nor the model's ``sampling`` config names one.
 DEFAULT_SAMPLER = {"epsilon": "dpm-solver++", "velocity": "rflow"}
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    """A model's default generation settings (``sampling:`` in its config; each can be overridden per call).
+
+    Attributes:
+        sampler: ``None`` = DPM-Solver++ for noise-trained models, rectified flow for velocity-trained ones.
+        steps: model evaluations.
+        guidance: classifier-free guidance scale (1 = none).
+    """
+
+    sampler: str | None = None
+    steps: int = 20
+    guidance: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.steps < 1 or self.guidance < 0:
+            raise ValueError(f"sampling.steps must be >= 1 and guidance >= 0, got {self.steps}, {self.guidance}")
 
 
 @dataclass
@@ -62,25 +81,28 @@ class CCELLAPipeline:
         config: the model's :class:`~CCELLACore.settings.CCELLAConfig`.
         metadata: the model directory's ``model.json``.
         device: where to compute.
+        dtype: compute precision; None = from the device (bf16 only where the hardware has it natively).
     """
 
-    def __init__(self, ldm, autoencoder, text_encoder, config, metadata: dict[str, Any], device: torch.device):
+    def __init__(self, ldm, autoencoder, text_encoder, config, metadata: dict[str, Any], device: torch.device,
+                 dtype: torch.dtype | None = None):
         from ..models.autoencoder import SequenceAutoencoder
 
+        self.dtype = choose_dtype(device) if dtype is None else dtype
         self.ldm = ldm.to(device).eval()
-        self.autoencoder = SequenceAutoencoder(autoencoder, device)
+        self.autoencoder = SequenceAutoencoder(autoencoder, device, self.dtype)
         self.text_encoder = text_encoder
         self.config = config
         self.metadata = metadata
         self.device = device
-        self.dtype = choose_dtype(device)
         self.sequences: tuple[str, ...] = tuple(metadata["sequences"])
         self.objective: str = metadata["objective"]
         self.model_hash: str = metadata.get("model_hash", "")
 
     # ------------------------------------------------------------------------------------------------- loading
     @classmethod
-    def from_pretrained(cls, directory: str | Path, device: str | torch.device = "auto") -> "CCELLAPipeline":
+    def from_pretrained(cls, directory: str | Path, device: str | torch.device = "auto",
+                        dtype: torch.dtype | None = None) -> "CCELLAPipeline":
         """Load a model directory (``ccella train-ldm`` output); never runs code from it (safetensors only).
 
         Raises:
@@ -111,7 +133,7 @@ class CCELLAPipeline:
         if text_encoder.feature_dim != config.ldm.adapter.input_dim:
             raise CCELLAError(f"{directory}: text encoder {config.text_encoder.name_or_path} gives "
                               f"{text_encoder.feature_dim}-d features, the model expects {config.ldm.adapter.input_dim}")
-        return cls(ldm, autoencoder, text_encoder, config, metadata, device)
+        return cls(ldm, autoencoder, text_encoder, config, metadata, device, dtype)
 
     # ------------------------------------------------------------------------------------------------- steps
     @property
@@ -174,9 +196,9 @@ class CCELLAPipeline:
         report: str | None = None,
         *,
         seed: int = 0,
-        steps: int = 20,
+        steps: int | None = None,
         sampler: str | None = None,
-        guidance: float = 1.0,
+        guidance: float | None = None,
         spacing: tuple[float, float, float] | None = None,
         unconditional: bool = False,
         progress: bool = False,
@@ -186,17 +208,21 @@ class CCELLAPipeline:
         Args:
             report: the free-text report (up to 20 000 characters; longer token sequences keep their end).
             seed: the only source of randomness: same seed and settings on one machine, same volumes.
-            steps: model evaluations (DDPM: up to 1000, the paper's setting).
-            sampler: one of :attr:`supported_samplers`; default DPM-Solver++ (noise models) or rectified flow.
+            steps: model evaluations (DDPM: up to 1000, the paper's setting); default: the model's ``sampling``.
+            sampler: one of :attr:`supported_samplers`; default: the model's ``sampling`` config, else DPM-Solver++
+                (noise models) or rectified flow (velocity models).
             guidance: classifier-free guidance scale (1 = none; needs a model trained with condition dropout).
             spacing: output voxel spacing in mm (default: the training set's median).
             unconditional: generate without a report (the null condition).
         """
         from tqdm.auto import tqdm
 
-        # 1. Check inputs
+        # 1. Check inputs; fill in the model's default sampling settings
+        defaults = self.config.sampling
+        steps = defaults.steps if steps is None else steps
+        guidance = defaults.guidance if guidance is None else guidance
+        sampler_name = sampler or defaults.sampler or DEFAULT_SAMPLER[self.objective]
         report = self.check_inputs(report, unconditional, steps, guidance, spacing)
-        sampler_name = sampler or DEFAULT_SAMPLER[self.objective]
         spacing = tuple(float(s) for s in (spacing or self.metadata["spacing"]))
         # 2. Encode the report and the null condition
         cond, uncond = self.encode_prompt(report)

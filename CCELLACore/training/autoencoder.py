@@ -40,7 +40,7 @@ from .distributed import DistributedContext, init_distributed
 from .ema import EMA
 from .logs import MetricsLogger
 from .schedule import polynomial_lr, set_lr
-from .precision import autocast_context, choose_dtype, describe_device
+from .precision import autocast_context, describe_device, training_dtype
 
 __all__ = [
     "AutoencoderTrainingConfig",
@@ -406,7 +406,7 @@ def train_autoencoder(
     out_dir = Path(out_dir)
     ctx = init_distributed(device)
     dev = ctx.device
-    dtype = choose_dtype(dev)
+    dtype = training_dtype(dev)
     if ctx.is_main:
         logger.info("train-autoencoder on %s, %s, world size %d", describe_device(dev),
                     str(dtype).replace("torch.", ""), ctx.world_size)

@@ -32,14 +32,13 @@ from ..errors import ConfigError, DataError
 from ..models.autoencoder import LatentStats, SequenceAutoencoder
 from ..models.ldm import CCELLALDM, condition_dropout
 from ..models.losses import ccella_loss
-from ..models.text_encoder import TextEncoder
 from ..sampling.objectives import TrainingObjective
 from .checkpoint import TrainingState, config_hash, find_checkpoint, load_checkpoint, save_checkpoint
 from .distributed import DistributedContext, init_distributed
 from .ema import EMA
 from .latents import LatentData, encode_latents, load_latent_data, reference_intensities
 from .logs import MetricsLogger
-from .precision import autocast_context, choose_dtype, describe_device
+from .precision import autocast_context, describe_device, training_dtype
 from .schedule import polynomial_lr, set_lr
 
 __all__ = ["LDMTrainingConfig", "train_ldm", "latent_batch"]
@@ -94,12 +93,6 @@ class LDMTrainingConfig:
             raise ValueError(f"condition_dropout must be in [0, 1), got {self.condition_dropout}")
         if self.val_split and self.val_split in self.train_splits:
             raise ValueError(f"val_split '{self.val_split}' is also a training split")
-
-
-def training_dtype(device: torch.device) -> torch.dtype:
-    """bf16 autocast on GPUs that have it; fp32 on CPUs. CPU bf16 autocast gave NaN weight gradients in MONAI's 3D
-    U-Net at small latent sizes (torch 2.13, AVX-512 bf16 CPU), and CPU training is for tests and the demo."""
-    return choose_dtype(device) if device.type == "cuda" else torch.float32
 
 
 def _split_studies(manifest, splits: tuple[str, ...]):

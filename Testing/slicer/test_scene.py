@@ -12,7 +12,6 @@ import pytest
 slicer = pytest.importorskip("slicer")
 vtk = pytest.importorskip("vtk")
 
-import SimpleITK as sitk  # noqa: E402
 
 from CCELLACore.data.manifest import write_manifest  # noqa: E402
 from CCELLACore.data.study import Exam, Study  # noqa: E402
