@@ -9,7 +9,15 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
-__all__ = ["atomic_path", "atomic_write_text", "atomic_write_bytes", "atomic_write_json", "read_json"]
+__all__ = ["atomic_path", "atomic_write_text", "atomic_write_bytes", "atomic_write_json", "read_json", "default_mode"]
+
+
+def default_mode(directory: bool = False) -> int:
+    """The permissions an ordinary open()/mkdir() would give under the current umask (mkstemp/mkdtemp give 0600/0700,
+    which would make every output private to its writer)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return (0o777 if directory else 0o666) & ~umask
 
 
 @contextmanager
@@ -24,6 +32,7 @@ def atomic_path(path: str | Path, suffix: str = "") -> Iterator[Path]:
     os.close(fd)
     try:
         yield Path(tmp)
+        os.chmod(tmp, default_mode())
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

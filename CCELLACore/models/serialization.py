@@ -33,7 +33,7 @@ from torch import nn
 
 from ..config import dump_yaml, from_dict, load_yaml, to_dict
 from ..errors import CCELLAError, ConfigError
-from ..fileio import atomic_write_json, atomic_write_text, read_json
+from ..fileio import atomic_write_json, atomic_write_text, default_mode, read_json
 
 __all__ = [
     "FORMAT_VERSION",
@@ -296,6 +296,7 @@ def save_model_dir(
 
     directory.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{directory.name}-", dir=directory.parent))
+    os.chmod(tmp, default_mode(directory=True))
     try:
         files = {}
         for name, module in components.items():
