@@ -184,9 +184,11 @@ class Normalization:
         return {"sequence": self.sequence, "method": self.method, "lower": self.lower, "upper": self.upper}
 
 
-def read_normalization(volume: Volume) -> Normalization | None:
-    """The :class:`Normalization` recorded in ``volume.metadata`` (NRRD/MHA keys or the NIfTI ``descrip``), or None."""
-    meta = volume.metadata
+def read_normalization(volume: Volume | dict[str, str]) -> Normalization | None:
+    """The :class:`Normalization` recorded in a volume's metadata (NRRD/MHA keys or the NIfTI ``descrip``), or None.
+
+    Takes the volume or its metadata alone (e.g. :func:`~CCELLACore.data.volume.read_metadata`, header only)."""
+    meta = volume.metadata if isinstance(volume, Volume) else volume
     if _NORM_KEYS["method"] in meta:
         return Normalization(meta[_NORM_KEYS["sequence"]], meta[_NORM_KEYS["method"]],  # type: ignore[arg-type]
                              float(meta[_NORM_KEYS["lower"]]), float(meta[_NORM_KEYS["upper"]]))

@@ -23,6 +23,7 @@ from ..fileio import atomic_path
 __all__ = [
     "Volume",
     "read_volume",
+    "read_metadata",
     "write_volume",
     "volume_format",
     "SUPPORTED_SUFFIXES",
@@ -245,6 +246,24 @@ def _nifti_non_finite(path: Path) -> int:
     if not np.issubdtype(image.get_data_dtype(), np.floating):
         return 0
     return int((~np.isfinite(np.asarray(image.dataobj))).sum())
+
+
+def read_metadata(path: str | Path) -> dict[str, str]:
+    """The metadata :func:`read_volume` would give, from the header only (no voxels are decoded)."""
+    import SimpleITK as sitk
+
+    path = Path(path)
+    fmt = volume_format(path)
+    if not path.is_file():
+        raise VolumeError(path, "file not found")
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    try:
+        reader.ReadImageInformation()
+    except RuntimeError as exc:
+        first = str(exc).strip().splitlines()
+        raise VolumeError(path, f"cannot read image header ({first[-1] if first else 'unknown error'})") from None
+    return _portable_metadata({k: reader.GetMetaData(k) for k in reader.GetMetaDataKeys()}, fmt)
 
 
 def write_volume(volume: Volume, path: str | Path, *, compress: bool = True) -> Path:

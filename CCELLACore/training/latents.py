@@ -138,14 +138,14 @@ def reference_intensities(manifest: Manifest, sequences: tuple[str, ...] = SEQUE
     ``ccella preprocess``); ADC: the upper end of its fixed window (3000 x 10^-6 mm^2/s).
     """
     from ..data.preprocess import read_normalization
-    from ..data.volume import read_volume
+    from ..data.volume import read_metadata
 
     uppers: dict[str, list[float]] = {s: [] for s in sequences}
     for study in manifest.studies:
         for seq in sequences:
             if seq not in study.images:
                 continue
-            record = read_normalization(read_volume(study.images[seq]))
+            record = read_normalization(read_metadata(study.images[seq]))  # header only, no voxels decoded
             if record is None:
                 raise DataError(study.case_id, f"{study.images[seq]} carries no normalisation record; "
                                 "run ccella preprocess --target ldm first")

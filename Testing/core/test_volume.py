@@ -13,6 +13,7 @@ from CCELLACore.data.volume import (
     SYNTHETIC_KEY,
     Volume,
     make_grid,
+    read_metadata,
     read_volume,
     resample_to_grid,
     write_volume,
@@ -157,3 +158,15 @@ def test_format_header_fields_are_not_carried_between_formats(tmp_path):
     assert not any(k.startswith(("dim[", "qform", "pixdim")) for k in back.metadata)
     back = read_volume(write_volume(vol, tmp_path / "a.nrrd"))
     assert back.metadata == {"CCELLA_note": "kept"}
+
+
+def test_read_metadata_reads_the_header_only(tmp_path):
+    vol = _oblique_volume()
+    vol.metadata["CCELLA_note"] = "kept"
+    for ext in ("nrrd", "mha"):
+        path = write_volume(vol, tmp_path / f"h.{ext}")
+        assert read_metadata(path) == read_volume(path).metadata == {"CCELLA_note": "kept"}
+    vol.metadata[SYNTHETIC_KEY] = "true"
+    assert read_metadata(write_volume(vol, tmp_path / "h.nii.gz"))[SYNTHETIC_KEY] == "true"
+    with pytest.raises(VolumeError, match="not found"):
+        read_metadata(tmp_path / "none.nrrd")
