@@ -179,3 +179,15 @@ def test_model_directory_errors(trained, tmp_path):
         CCELLAPipeline.from_pretrained(mismatched, device="cpu")
     with pytest.raises(CCELLAError, match="not found"):
         CCELLAPipeline.from_pretrained(tmp_path / "nowhere", device="cpu")
+
+
+def test_embedded_demo_model_loads_and_generates():
+    """The shipped model directory matches the code (config, weights, hash) and generates on its own grid."""
+    from CCELLACore.pipelines.generate_cli import DEMO_MODEL_DIR
+
+    pipe = CCELLAPipeline.from_pretrained(DEMO_MODEL_DIR, device="cpu", dtype=torch.float32)
+    assert pipe.config.sampling.sampler == "ddpm" and pipe.text_encoder.feature_dim == 384
+    out = pipe("PI-RADS 4 lesion, right apex, 9 mm.", seed=0, steps=2)
+    assert out.exam.volumes["AxT2"].shape == (64, 64, 32) and out.settings["sampler"] == "ddpm"
+    sizes = sum(p.stat().st_size for p in DEMO_MODEL_DIR.iterdir())
+    assert sizes <= 25 * 2**20  # the repository's budget for the demo model
