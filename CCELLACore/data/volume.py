@@ -24,6 +24,7 @@ __all__ = [
     "Volume",
     "read_volume",
     "read_metadata",
+    "read_header",
     "write_volume",
     "volume_format",
     "SUPPORTED_SUFFIXES",
@@ -171,12 +172,20 @@ def _orientation_code(direction: np.ndarray) -> str:
     return code
 
 
-def read_volume(path: str | Path, *, check_finite: bool = True) -> Volume:
-    """Read a 3D NIfTI, NRRD or MHA file.
+def _last_line(exc: Exception) -> str:
+    lines = str(exc).strip().splitlines()
+    return lines[-1] if lines else "unknown error"
+
+
+def read_header(path: str | Path):
+    """Read and check only the header of a 3D NIfTI, NRRD or MHA file (no voxels are decoded).
+
+    Returns:
+        the ``SimpleITK.ImageFileReader`` with its image information read.
 
     Raises:
-        VolumeError: the file is missing, corrupt, not 3D (a 2D slice or a 4D series), or has NaN/Inf voxels
-            (when ``check_finite``); the message names the file.
+        VolumeError: unsupported suffix, missing file, unreadable header, or not a 3D single-channel volume (a 2D
+            slice, a single-slice volume or a 4D series; a 4D NIfTI holding one volume counts as 3D).
     """
     import SimpleITK as sitk
 
@@ -184,31 +193,38 @@ def read_volume(path: str | Path, *, check_finite: bool = True) -> Volume:
     volume_format(path)
     if not path.is_file():
         raise VolumeError(path, "file not found")
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
     try:
-        reader = sitk.ImageFileReader()
-        reader.SetFileName(str(path))
         reader.ReadImageInformation()
-        dim = reader.GetDimension()
-        size = reader.GetSize()
-        # A 4D NIfTI with a single volume along t is still 3D data.
-        if dim == 4 and size[3] == 1:
-            image = reader.Execute()[:, :, :, 0]
-        elif dim != 3 or reader.GetNumberOfComponents() != 1:
-            raise VolumeError(
-                path, f"expected a 3D single-channel image, got {dim}D of size {size} "
-                f"with {reader.GetNumberOfComponents()} component(s)"
-            )
-        else:
-            image = reader.Execute()
-    except VolumeError:
-        raise
+    except RuntimeError as exc:
+        raise VolumeError(path, f"unreadable image ({_last_line(exc)})") from None
+    dim, size, components = reader.GetDimension(), reader.GetSize(), reader.GetNumberOfComponents()
+    if dim == 4 and size[3] == 1:
+        dim, size = 3, size[:3]
+    if dim != 3 or components != 1 or size[2] < 2:
+        raise VolumeError(path, f"not a 3D single-channel volume ({dim}D of size {tuple(size)}, "
+                                f"{components} component(s))")
+    return reader
+
+
+def read_volume(path: str | Path, *, check_finite: bool = True) -> Volume:
+    """Read a 3D NIfTI, NRRD or MHA file.
+
+    Raises:
+        VolumeError: the file is missing, corrupt, not 3D (a 2D slice or a 4D series), or has NaN/Inf voxels
+            (when ``check_finite``); the message names the file.
+    """
+    path = Path(path)
+    reader = read_header(path)
+    try:
+        image = reader.Execute()
     except RuntimeError as exc:  # SimpleITK reports corrupt files as RuntimeError
-        first = str(exc).strip().splitlines()
-        raise VolumeError(path, f"cannot read image ({first[-1] if first else 'unknown error'})") from None
+        raise VolumeError(path, f"unreadable image ({_last_line(exc)})") from None
+    if image.GetDimension() == 4:  # a 4D NIfTI with a single volume along t (read_header checked) is 3D data
+        image = image[:, :, :, 0]
     volume = Volume.from_sitk(image)
     volume.metadata = _portable_metadata(volume.metadata, volume_format(path))
-    if volume.shape[2] == 1 or min(volume.shape) < 1:
-        raise VolumeError(path, f"expected a 3D volume, got a single slice of shape {volume.shape}")
     if check_finite and np.issubdtype(volume.array.dtype, np.floating):
         bad = int((~np.isfinite(volume.array)).sum())
         if not bad and volume_format(path) == "nifti":
@@ -250,19 +266,9 @@ def _nifti_non_finite(path: Path) -> int:
 
 def read_metadata(path: str | Path) -> dict[str, str]:
     """The metadata :func:`read_volume` would give, from the header only (no voxels are decoded)."""
-    import SimpleITK as sitk
-
     path = Path(path)
     fmt = volume_format(path)
-    if not path.is_file():
-        raise VolumeError(path, "file not found")
-    reader = sitk.ImageFileReader()
-    reader.SetFileName(str(path))
-    try:
-        reader.ReadImageInformation()
-    except RuntimeError as exc:
-        first = str(exc).strip().splitlines()
-        raise VolumeError(path, f"cannot read image header ({first[-1] if first else 'unknown error'})") from None
+    reader = read_header(path)
     return _portable_metadata({k: reader.GetMetaData(k) for k in reader.GetMetaDataKeys()}, fmt)
 
 

@@ -34,7 +34,7 @@ from ...errors import ManifestError, VolumeError
 from ..batch import BatchSummary
 from ..manifest import read_manifest, write_manifest
 from ..study import LabelSource, Study
-from ..volume import read_volume, volume_format, write_volume
+from ..volume import read_header, read_volume, volume_format, write_volume
 
 __all__ = ["LAYOUTS", "detect_layout", "import_layout", "export_layout", "summarize"]
 
@@ -72,7 +72,10 @@ class ImportLog:
         if not path.is_file():
             return f"file not found: {path}"
         if self.check_images:
-            return image_header_problem(path)
+            try:
+                read_header(path)
+            except VolumeError as exc:
+                return str(exc)
         return None
 
     def missing_files(self, files: dict[str, Path]) -> str | None:
@@ -82,25 +85,6 @@ class ImportLog:
             if problem is not None:
                 return f"{name}: {problem}"
         return None
-
-
-def image_header_problem(path: Path) -> str | None:
-    """Read only the image header; return why it is not a usable 3D single-channel volume, or ``None``."""
-    import SimpleITK as sitk
-
-    reader = sitk.ImageFileReader()
-    reader.SetFileName(str(path))
-    try:
-        reader.ReadImageInformation()
-    except RuntimeError as exc:
-        lines = str(exc).strip().splitlines()
-        return f"unreadable image {path} ({lines[-1] if lines else 'unknown error'})"
-    dim, size = reader.GetDimension(), reader.GetSize()
-    if dim == 4 and size[3] == 1:  # a single-volume 4D NIfTI is 3D data (as read_volume accepts)
-        dim, size = 3, size[:3]
-    if dim != 3 or reader.GetNumberOfComponents() != 1 or size[2] < 2:
-        return f"not a 3D single-channel volume: {path} (size {tuple(size)}, {reader.GetNumberOfComponents()} component(s))"
-    return None
 
 
 def read_table(path: Path, known: Iterable[str], required: Iterable[str], log: ImportLog) -> list[tuple[int, dict[str, str]]]:
