@@ -20,6 +20,10 @@ Procedure (issues "Generative core" and "Embedded demo model"):
      (HighB x the model's reference intensity, ADC x 3000). This is the representation generated exams are judged
      in, so its sensitivity is the ceiling the model can reach.
    - ``physical``: the same grid without normalisation (HighB scanner units, ADC in 10^-6 mm^2/s unclipped).
+   - ``autoencoder`` (when the model's autoencoder is given): the ``model`` representation encoded and decoded by
+     the model's own autoencoder. A latent diffusion model can be no sharper than its autoencoder, so this is the
+     tighter ceiling: when the autoencoder blurs lesions below the detector's thresholds, no amount of diffusion
+     training can meet the targets, and the card says so.
 
    It reports the sensitivity on PI-RADS >= 4 exams and the false-positive rate on PI-RADS 1-2 exams.
 4. **Evaluation**: ``n`` phantom reports of ``seed`` (never used in training; institution 1), scanning case indices
@@ -47,7 +51,7 @@ import math
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 
@@ -213,14 +217,20 @@ def real_exam_on_grid(index: int, seed: int, config: PreprocessConfig, settings:
     return exam
 
 
-def model_representation(exam: Exam, config: PreprocessConfig, highb_reference: float = 1.0) -> Exam:
+def model_representation(exam: Exam, config: PreprocessConfig, highb_reference: float = 1.0,
+                         reconstruct: Callable[[np.ndarray], np.ndarray] | None = None) -> Exam:
     """HighB/ADC of a preprocessed (unnormalised) exam as a generated exam shows them: normalised as in training
-    (which clips HighB at its 99.5th percentile and ADC to 0..3000), then mapped back as the pipeline maps outputs."""
+    (which clips HighB at its 99.5th percentile and ADC to 0..3000), optionally passed through ``reconstruct``
+    (normalised (2, X, Y, Z) HighB/ADC -> the same, e.g. the model's autoencoder), then mapped back as the pipeline
+    maps outputs."""
     highb = normalize_volume(exam.volumes["HighB"], "HighB", config)
     adc = normalize_volume(exam.volumes["ADC"], "ADC", config)
+    arrays = np.stack([highb.array, adc.array]).astype(np.float32)
+    if reconstruct is not None:
+        arrays = np.asarray(reconstruct(arrays), np.float32)
     return Exam(volumes={
-        "HighB": highb.with_array(denormalize_array(highb.array, "HighB", highb_reference)),
-        "ADC": adc.with_array(denormalize_array(adc.array, "ADC", adc_window=tuple(config.adc_window))),
+        "HighB": highb.with_array(denormalize_array(arrays[0], "HighB", highb_reference)),
+        "ADC": adc.with_array(denormalize_array(arrays[1], "ADC", adc_window=tuple(config.adc_window))),
     }, case_id=exam.case_id)
 
 
@@ -280,8 +290,9 @@ def _case_base(case: EvaluationCase) -> dict[str, Any]:
             "truth_pirads": truth.pirads, "truth_label": truth.label, "truth_side": report_side(truth)}
 
 
-#: Detector-validity variants: (representation, gland region).
+#: Detector-validity variants: (representation, gland region); the autoencoder one only when a model is given.
 VALIDITY_VARIANTS = (("model", "atlas"), ("model", "own"), ("physical", "atlas"), ("physical", "own"))
+AUTOENCODER_VARIANTS = (("autoencoder", "atlas"), ("autoencoder", "own"))
 
 
 def detector_validity(
@@ -292,31 +303,37 @@ def detector_validity(
     *,
     highb_reference: float = 1.0,
     thresholds: DetectorThresholds = DetectorThresholds(),
+    reconstruct: Callable[[np.ndarray], np.ndarray] | None = None,
     progress: bool = False,
 ) -> dict[str, Any]:
     """The detector on the REAL phantom exams of ``cases`` (seed ``settings.seed``), on ``config.grid``.
 
+    ``reconstruct`` (normalised (2, X, Y, Z) HighB/ADC -> reconstruction) adds the ``autoencoder`` representation.
+
     Returns:
         ``{"records": [...], "summary": {"<representation>_<gland>": {group: {"lesion_found": rate}, "side_correct":
         rate, "sensitivity": rate, "false_positive_rate": rate}}}`` for the representations ``model``/``physical``
-        and gland regions ``atlas``/``own`` (see the module docstring).
+        and gland regions ``atlas``/``own`` (see the module docstring), and ``autoencoder`` with ``reconstruct``.
     """
     from tqdm.auto import tqdm
 
+    variants = VALIDITY_VARIANTS + (AUTOENCODER_VARIANTS if reconstruct is not None else ())
     records = []
     for case in tqdm(cases, desc="detector on real exams", unit="exam", disable=not progress):
         base = _case_base(case)
         raw = real_exam_on_grid(case.index, settings.seed, config, settings)
         views = {"physical": raw, "model": model_representation(raw, config, highb_reference)}
+        if reconstruct is not None:
+            views["autoencoder"] = model_representation(raw, config, highb_reference, reconstruct)
         glands = {"atlas": atlas, "own": raw.masks["gland"].array > 0}
         record = dict(base)
-        for representation, region in VALIDITY_VARIANTS:
+        for representation, region in variants:
             result = _detect(views[representation], glands[region], base["truth_side"], thresholds)
             record[f"{representation}_{region}"] = result["detected"]
             record[f"{representation}_{region}_side"] = result["detected_side"]
         records.append(record)
     summary = {}
-    for representation, region in VALIDITY_VARIANTS:
+    for representation, region in variants:
         key = f"{representation}_{region}"
         rates = _group_rates(records, key)
         rates["sensitivity"] = rates["pirads_4_5"]["lesion_found"]
@@ -359,7 +376,7 @@ def evaluate_honour(pipe: Any, settings: HonourSettings = HonourSettings(), *, p
     if not atlas.any():
         raise CCELLAError(f"the gland atlas of seed {settings.atlas_seed} is empty on grid {grid_size}")
     validity = detector_validity(cases, config, atlas, settings, highb_reference=highb_reference,
-                                 thresholds=thresholds, progress=progress)
+                                 thresholds=thresholds, reconstruct=pipe.reconstruct, progress=progress)
 
     records = []
     sampler_used = None
@@ -451,9 +468,12 @@ def honour_markdown(result: dict[str, Any]) -> str:
         "| Representation, gland region | Sensitivity, PI-RADS >= 4 | False positives, PI-RADS 1-2 | Side correct |",
         "|---|---|---|---|",
     ]
-    names = {"model": "as the model sees it (normalised)", "physical": "physical units"}
-    for representation, region in VALIDITY_VARIANTS:
-        v = validity[f"{representation}_{region}"]
+    names = {"model": "as the model sees it (normalised)", "physical": "physical units",
+             "autoencoder": "through the model's autoencoder (the ceiling of any generated exam)"}
+    for representation, region in VALIDITY_VARIANTS + AUTOENCODER_VARIANTS:
+        v = validity.get(f"{representation}_{region}")
+        if v is None:
+            continue
         lines.append(f"| {names[representation]}, {'gland atlas' if region == 'atlas' else 'own gland mask'} | "
                      f"{_fmt(v['sensitivity'])} | {_fmt(v['false_positive_rate'])} | {_fmt(v['side_correct'])} |")
     d = result["detector"]

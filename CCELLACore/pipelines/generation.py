@@ -178,6 +178,14 @@ class CCELLAPipeline:
         images = self.autoencoder.decode_sequences(latents / per_channel)[0]
         return images.clamp(0.0, 1.0).cpu().numpy()
 
+    @torch.no_grad()
+    def reconstruct(self, images: np.ndarray) -> np.ndarray:
+        """Encode and decode normalised volumes with the model's autoencoder: (S', X, Y, Z) -> (S', X, Y, Z) in
+        [0, 1], any number S' of sequences (each is encoded on its own). Shows what the latent space can hold."""
+        x = torch.as_tensor(np.asarray(images, np.float32))[None]
+        z = self.autoencoder.encode_sequences(x)
+        return self.autoencoder.decode_sequences(z)[0].clamp(0.0, 1.0).cpu().numpy()
+
     def to_exam(self, images: np.ndarray, spacing: tuple[float, float, float], extra: dict[str, str]) -> Exam:
         """Normalised images -> physical units on a grid centred at the LPS origin, marked synthetic."""
         grid = make_grid(images.shape[1:], spacing, center_lps=(0.0, 0.0, 0.0))

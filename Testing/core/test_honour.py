@@ -21,6 +21,7 @@ from CCELLACore.metrics.honour import (
     detector_validity,
     evaluation_cases,
     gland_atlas,
+    model_representation,
     pirads_group,
     rank_auc,
     real_exam_on_grid,
@@ -84,7 +85,8 @@ def test_honour_script_on_a_tiny_model(tiny_model, tmp_path):
     assert result["atlas"]["voxels"] > 100
     validity = result["detector_validity"]
     assert len(validity["records"]) == 4
-    assert set(validity["summary"]) == {"model_atlas", "model_own", "physical_atlas", "physical_own"}
+    assert set(validity["summary"]) == {"model_atlas", "model_own", "physical_atlas", "physical_own",
+                                        "autoencoder_atlas", "autoencoder_own"}
 
     markdown = (out / "honour.md").read_text(encoding="utf-8")
     assert "| Measure | Result | Target |" in markdown
@@ -144,6 +146,24 @@ def test_detector_validity_on_real_phantom_exams_at_the_tiny_grid():
         assert summary[key]["side_correct"]["rate"] >= 0.5
     for key in ("model_atlas", "model_own"):
         assert summary[key]["sensitivity"]["n"] == 4 and summary[key]["false_positive_rate"]["rate"] <= 0.2
+    assert "autoencoder_atlas" not in summary  # only with a reconstruction
+
+
+def test_autoencoder_representation_is_the_model_representation_through_reconstruct():
+    """An identity reconstruction gives exactly the model representation; a blurring one lowers lesion contrast."""
+    from scipy import ndimage
+
+    config = load_config("tiny").preprocess.ldm
+    settings = HonourSettings(n=12, atlas_n=8, phantom_size=(32, 32, 16), phantom_spacing=(4.0, 4.0, 4.0))
+    case = next(c for c in evaluation_cases(12, settings.seed) if c.truth.pirads >= 4)
+    raw = real_exam_on_grid(case.index, settings.seed, config, settings)
+    plain = model_representation(raw, config, 2.0)
+    same = model_representation(raw, config, 2.0, reconstruct=lambda a: a.copy())
+    for name in ("HighB", "ADC"):
+        np.testing.assert_array_equal(same.volumes[name].array, plain.volumes[name].array)
+    blurred = model_representation(raw, config, 2.0, reconstruct=lambda a: ndimage.uniform_filter(a, (1, 5, 5, 5)))
+    lesion = raw.masks["lesion"].array > 0
+    assert blurred.volumes["ADC"].array[lesion].mean() > plain.volumes["ADC"].array[lesion].mean() + 50
 
 
 def test_rank_auc_matches_the_pairwise_definition():
