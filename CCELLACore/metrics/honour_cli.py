@@ -61,6 +61,9 @@ def run(args: argparse.Namespace) -> int:
     logger.info("honour: lesion found %s (PI-RADS >= 4), %s (PI-RADS 1-2), %s (PI-RADS 3); side correct %s",
                 summary["pirads_4_5"]["lesion_found"]["count"], summary["pirads_1_2"]["lesion_found"]["count"],
                 summary["pirads_3"]["lesion_found"]["count"], summary["side_correct"]["count"])
+    ceiling = result["detector_validity"]["summary"]["autoencoder_atlas"]
+    logger.info("honour: ceiling of the model's autoencoder (real exams reconstructed): %s (PI-RADS >= 4), "
+                "%s (PI-RADS 1-2)", ceiling["sensitivity"]["count"], ceiling["false_positive_rate"]["count"])
     print(f"wrote {json_path} and {md_path}")
     if args.update_card:
         card = update_model_card(args.model, honour_markdown(result))
