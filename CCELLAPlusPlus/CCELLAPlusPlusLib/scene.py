@@ -30,6 +30,7 @@ __all__ = [
     "MODEL_HASH_ATTRIBUTE",
     "ROLE_ATTRIBUTE",
     "CASE_ATTRIBUTE",
+    "REPORT_ATTRIBUTE",
     "MODEL_HASH_KEY",
     "SYNTHETIC_NAME_SUFFIX",
     "ADC_WINDOW_LEVEL",
@@ -51,6 +52,8 @@ MODEL_HASH_ATTRIBUTE = "CCELLA.sourceModelHash"
 ROLE_ATTRIBUTE = "CCELLA.role"
 #: Node attribute holding the exam's case id (ids and hashes may be shown; report text never is).
 CASE_ATTRIBUTE = "CCELLA.caseId"
+#: Subject hierarchy attribute of a study folder holding its report (the user's own input; never logged).
+REPORT_ATTRIBUTE = "CCELLA.report"
 #: Volume metadata key (NRRD/MHA header field) for the generating model's hash, mirrored by MODEL_HASH_ATTRIBUTE.
 MODEL_HASH_KEY = "CCELLA_model_sha256"
 SYNTHETIC_NAME_SUFFIX = " (synthetic)"
@@ -307,11 +310,16 @@ class StudySceneLogic:
         studies = read_manifest(manifestPath).by_case()
         if caseId not in studies:
             raise DataError(caseId, f"not in manifest {manifestPath.name} ({len(studies)} usable case(s))")
-        exam = studies[caseId].load()
+        study = studies[caseId]
+        exam = study.load()
         if not exam.same_space():
             self.log(f"{caseId}: volumes are on different grids; Slicer shows each in its own geometry")
         synthetic = any(v.metadata.get(SYNTHETIC_KEY, "").lower() == "true" for v in exam.volumes.values())
         nodes = exam_to_scene(exam, caseId, synthetic, parentItem)
+        if study.has_report and nodes:
+            sh = _subject_hierarchy()
+            sh.SetItemAttribute(sh.GetItemParent(sh.GetItemByDataNode(next(iter(nodes.values())))), REPORT_ATTRIBUTE,
+                                study.report)
         self.log(
             f"Loaded {caseId}: {len(exam.volumes)} volume(s), {len(exam.masks)} mask(s)"
             + (" [synthetic]" if synthetic else "")
