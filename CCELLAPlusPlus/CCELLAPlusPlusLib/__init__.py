@@ -12,7 +12,7 @@ import importlib.metadata
 import re
 from pathlib import Path
 
-__all__ = ["read_requirements", "missing_requirements"]
+__all__ = ["read_requirements", "missing_requirements", "protected_constraints"]
 
 _NAME = re.compile(r"^\s*([A-Za-z0-9][A-Za-z0-9._-]*)")
 
@@ -54,3 +54,19 @@ def missing_requirements(requirements: list[str]) -> list[str]:
         if specifier is not None and not specifier.contains(installed, prereleases=True):
             missing.append(line)
     return missing
+
+
+def protected_constraints(packages: list[str]) -> list[str]:
+    """pip constraint lines ``name==installed`` for the packages of ``packages`` that are installed.
+
+    Given to ``pip install --constraint``, they keep pip from upgrading, downgrading or replacing what Slicer ships
+    (numpy, scipy, SimpleITK, VTK) while it resolves the other requirements' dependencies. Packages that are not
+    installed get no line (pip may not install them either way: they are not requirements).
+    """
+    lines = []
+    for name in packages:
+        try:
+            lines.append(f"{name}=={importlib.metadata.version(name)}")
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return lines
