@@ -244,8 +244,9 @@ def train_classifier(
     end_epoch = n_epochs if stop_after_epoch is None else min(n_epochs, stop_after_epoch)
     transform = build_augmentation(config.augmentation, preprocess.grid.spacing)
     batches = _StepBatches(train, state.step, end_epoch * spe, global_batch, ctx, cfg.seed, transform)
+    # Its own generator: creating the iterator must not draw from the global RNG (restored on resume for dropout).
     loader = torch.utils.data.DataLoader(batches, batch_size=None, shuffle=False, num_workers=cfg.num_workers,
-                                         persistent_workers=False)
+                                         persistent_workers=False, generator=torch.Generator().manual_seed(cfg.seed))
     metrics = MetricsLogger(out_dir, enabled=ctx.is_main, resume_step=state.step if state.step else None)
     bar = tqdm(total=total, initial=state.step, desc="train-classifier", unit="step",
                disable=not (progress and ctx.is_main))
