@@ -54,6 +54,9 @@ def run(args: argparse.Namespace) -> int:
         raise CCELLAError("--highb/--adc go with --axt2; a --study folder or a --manifest names its own files")
     device = "cuda" if args.device == "auto" and torch.cuda.is_available() else \
         ("cpu" if args.device == "auto" else args.device)
+    if args.model == DEFAULT_MODEL and not (DEFAULT_MODEL / "model.json").is_file():
+        raise CCELLAError(f"{DEFAULT_MODEL}: the demo classifier is not built in this checkout; run "
+                          "`bash Training/build_demo_classifier.sh` or give --model DIR")
     model = load_classifier_dir(args.model, device)
     layer = args.saliency_layer or DEFAULT_LAYER
     if args.manifest is not None:

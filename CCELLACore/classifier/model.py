@@ -25,7 +25,7 @@ from ..errors import CCELLAError, ConfigError
 from .config import ClassifierConfig, NetworkConfig
 
 __all__ = ["build_classifier", "set_batch_norm_momentum", "LoadedClassifier", "load_classifier_dir", "MODEL_KIND",
-           "COMPONENT"]
+           "COMPONENT", "export_half"]
 
 #: ``model.json`` ``extra.kind`` of a classifier model directory.
 MODEL_KIND = "cspca-classifier"
@@ -100,3 +100,23 @@ def load_classifier_dir(directory: str | Path, device: str | torch.device = "cpu
         raise CCELLAError(f"{directory / 'model.json'}: kind {kind!r} is not a csPCa classifier ({MODEL_KIND!r})")
     network.to(device).eval()
     return LoadedClassifier(network, config, preprocess, metadata, directory)
+
+
+def export_half(source: str | Path, destination: str | Path, card: str | None = None) -> Path:
+    """Copy a classifier model directory with its floating-point weights stored as float16 (half the bytes: a
+    3-channel EfficientNet-B0 is 18.8 MB in fp32, 9.4 MB in fp16); loading casts them back to float32.
+
+    ``model_hash`` is recomputed for the new weights; ``extra.stored_dtype`` records the cast.
+    """
+    import copy
+
+    from ..config import to_dict
+    from ..models.serialization import ModelMetadata, save_model_dir
+
+    model = load_classifier_dir(source)
+    half = copy.deepcopy(model.network).half()
+    meta = {k: v for k, v in model.metadata.items() if k in {f for f in ModelMetadata.__dataclass_fields__}}
+    meta["extra"] = {**meta.get("extra", {}), "stored_dtype": "float16", "exported_from": model.model_hash}
+    text = card if card is not None else (model.directory / "README.md").read_text(encoding="utf-8")
+    return save_model_dir(destination, {COMPONENT: half}, {"classifier": model.config, "preprocess": model.preprocess},
+                          meta, text)

@@ -20,7 +20,7 @@ from safetensors.torch import load_file
 
 from CCELLACore.classifier.classify import classify_files
 from CCELLACore.classifier.config import load_classifier_config
-from CCELLACore.classifier.model import load_classifier_dir
+from CCELLACore.classifier.model import export_half, load_classifier_dir
 from CCELLACore.classifier.train import train_classifier
 from CCELLACore.cli import main
 from CCELLACore.data.phantoms import generate_phantom
@@ -155,6 +155,12 @@ def test_classify_other_geometry_writes_saliency_on_the_axt2_grid(trained, tmp_p
     again = classify_files(model, files, tmp_path / "res2", saliency=False)
     assert again["probability"] == pytest.approx(result["probability"], abs=1e-6)
     assert not (tmp_path / "res2" / "saliency.nii.gz").exists()
+    # the float16 export (how the demo classifier ships) loads into the float32 network and agrees
+    half = export_half(trained / "model", tmp_path / "half")
+    assert (half / "classifier.safetensors").stat().st_size < 0.55 * (trained / "model" / "classifier.safetensors").stat().st_size
+    third = classify_files(load_classifier_dir(half), files, tmp_path / "res3", saliency=False)
+    assert third["probability"] == pytest.approx(result["probability"], abs=0.02)
+    assert third["model"]["hash"] == model_hash(half) != result["model"]["hash"]
 
 
 def test_bad_inputs_give_errors_naming_the_file(trained, tmp_path, capsys):
