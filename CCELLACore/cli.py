@@ -26,6 +26,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "generate": ("CCELLACore.pipelines.generate_cli", "generate synthetic AxT2/HighB/ADC exams from reports"),
     "synthesize": ("CCELLACore.pipelines.synthesize_cli", "one synthetic exam per real exam of a manifest (torchrun-sharded, resumable)"),
     "honour": ("CCELLACore.metrics.honour_cli", "measure whether generated exams honour their reports; write the model card's figures"),
+    "split": ("CCELLACore.classifier.split_cli", "patient-level train/val/test splits stratified by label, seeded"),
+    "train-classifier": ("CCELLACore.classifier.train_cli", "train the csPCa classifier (3D EfficientNet-B0; resumable, DDP)"),
+    "classify": ("CCELLACore.classifier.classify_cli", "p(csPCa) and a Grad-CAM saliency map for exams of any geometry"),
 }
 
 
