@@ -34,6 +34,8 @@ class LatentData:
     Attributes:
         case_ids: N case ids.
         latents: (N, 4*S, x, y, z) unscaled posterior means, channel group s = sequence s.
+        lesion: (N, 1, x, y, z) fraction of each latent voxel's image voxels inside the exam's lesion mask (0 where
+            the exam has none), for :attr:`~CCELLACore.models.losses.LossConfig.lesion_weight`.
         spacing: (N, 3) voxel spacing (mm) of the images the latents came from.
         text: report encodings, (N, L, D) features and (N, L) mask; the null encoding for exams without a report.
         labels: (N,) long csPCa labels (0 where unknown; ``has_label`` tells).
@@ -43,6 +45,7 @@ class LatentData:
 
     case_ids: list[str]
     latents: torch.Tensor
+    lesion: torch.Tensor
     spacing: torch.Tensor
     text: TextEncoding
     labels: torch.Tensor
@@ -77,7 +80,7 @@ def encode_latents(
     mine = shard(todo, ctx)
     for study in tqdm(mine, desc="encode latents", unit="exam", disable=not (progress and ctx.is_main)):
         try:
-            exam = study.load(sequences, masks=False)
+            exam = study.load(sequences, masks=True)
             exam.check_same_space()
         except (DataError, VolumeError) as exc:
             problems.append((study.case_id, str(exc)))
@@ -85,10 +88,22 @@ def encode_latents(
         images = torch.from_numpy(np.stack([exam.volumes[s].array.astype(np.float32) for s in sequences]))[None]
         z = autoencoder.encode_sequences(images)[0]
         spacing = torch.tensor(exam.reference.spacing, dtype=torch.float32)
+        lesion = _lesion_fraction(exam, tuple(z.shape[1:]))
         with atomic_path(_latent_file(cache_dir, study.case_id), suffix=".safetensors") as tmp:
-            save_file({"latent": z.contiguous(), "spacing": spacing}, str(tmp))
+            save_file({"latent": z.contiguous(), "spacing": spacing, "lesion": lesion}, str(tmp))
     ctx.barrier()
     return problems
+
+
+def _lesion_fraction(exam, latent_shape: tuple[int, ...]) -> torch.Tensor:
+    """(1, x, y, z) fraction of each latent voxel's image voxels inside the lesion mask (zeros without a mask)."""
+    mask = exam.masks.get("lesion")
+    if mask is None:
+        return torch.zeros((1, *latent_shape))
+    if tuple(mask.shape) != tuple(exam.reference.shape):
+        raise DataError(exam.case_id, f"lesion mask is {tuple(mask.shape)}, the images {tuple(exam.reference.shape)}")
+    inside = torch.from_numpy(np.asarray(mask.array) > 0).float()[None, None]
+    return torch.nn.functional.adaptive_avg_pool3d(inside, latent_shape)[0].contiguous()
 
 
 def load_latent_data(
@@ -105,13 +120,14 @@ def load_latent_data(
     from safetensors.torch import load_file
 
     cache_dir = Path(cache_dir)
-    latents, spacing, text = [], [], []
+    latents, lesion, spacing, text = [], [], [], []
     for study in studies:
         path = _latent_file(cache_dir, study.case_id)
         if not path.is_file():
             raise DataError(study.case_id, f"latent file missing: {path}")
         saved = load_file(str(path))
         latents.append(saved["latent"])
+        lesion.append(saved.get("lesion", torch.zeros((1, *saved["latent"].shape[1:]))))
         spacing.append(saved["spacing"])
         text.append(encodings.get(study.case_id, null) if study.has_report else null)
     if not latents:
@@ -123,6 +139,7 @@ def load_latent_data(
     return LatentData(
         case_ids=[s.case_id for s in studies],
         latents=torch.stack(latents),
+        lesion=torch.stack(lesion),
         spacing=torch.stack(spacing),
         text=TextEncoding.cat(text),
         labels=torch.tensor([s.label or 0 for s in studies], dtype=torch.long),

@@ -57,6 +57,7 @@ class LDMTrainingConfig:
         max_steps: when > 0, train exactly this many optimiser steps instead (demo and tests).
         lr / weight_decay: AdamW (paper 1e-4, torch default 0.01).
         lr_power: polynomial decay power over the real step count (paper 2).
+        warmup_steps: linear learning-rate warm-up over the first steps (paper 0).
         grad_clip: max gradient norm (paper 1.0).
         ema_decay: EMA of the weights used for sampling (the reference has none).
         condition_dropout: probability of training an exam with the null report, which classifier-free guidance
@@ -73,6 +74,7 @@ class LDMTrainingConfig:
     lr: float = 1e-4
     weight_decay: float = 0.01
     lr_power: float = 2.0
+    warmup_steps: int = 0
     grad_clip: float = 1.0
     ema_decay: float = 0.999
     condition_dropout: float = 0.0
@@ -87,8 +89,8 @@ class LDMTrainingConfig:
         for name in ("batch_size", "epochs", "log_every", "validate_every", "checkpoint_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.max_steps < 0 or self.lr <= 0:
-            raise ValueError("max_steps must be >= 0 and lr > 0")
+        if self.max_steps < 0 or self.lr <= 0 or self.warmup_steps < 0:
+            raise ValueError("max_steps and warmup_steps must be >= 0 and lr > 0")
         if not 0.0 <= self.condition_dropout < 1.0:
             raise ValueError(f"condition_dropout must be in [0, 1), got {self.condition_dropout}")
         if self.val_split and self.val_split in self.train_splits:
@@ -125,7 +127,7 @@ def _scale(latents: torch.Tensor, factors: torch.Tensor, group: int) -> torch.Te
     return latents * per_channel.view(1, -1, *([1] * (latents.ndim - 2)))
 
 
-def _gather(data: LatentData, index: torch.Tensor, factors: torch.Tensor, group: int, device):
+def _gather(data: LatentData, index: torch.Tensor, factors: torch.Tensor, group: int, device, lesion_weight: float):
     lengths = data.text.mask[index].sum(1)
     length = max(int(lengths.max()), 1)  # trim padding beyond the longest report of the batch
     return (
@@ -135,6 +137,7 @@ def _gather(data: LatentData, index: torch.Tensor, factors: torch.Tensor, group:
         data.text.mask[index, :length].to(device),
         data.labels[index].to(device),
         (data.has_report[index] & data.has_label[index]).to(device),
+        (1.0 + lesion_weight * data.lesion[index]).to(device) if lesion_weight > 0 else None,
     )
 
 
@@ -156,7 +159,8 @@ def _step_loss(model, data, global_index, factors, group, objective, cfg, loss_c
     class_count = float(labelled.sum()) / world if world > 1 else None
 
     mine = slice(ctx.rank, None, world)
-    latents, spacing, text_f, text_m, labels, class_mask = _gather(data, global_index[mine], factors, group, device)
+    latents, spacing, text_f, text_m, labels, class_mask, weight = _gather(data, global_index[mine], factors, group,
+                                                                           device, loss_cfg.lesion_weight)
     if train and cfg.condition_dropout > 0:
         out = condition_dropout(text_f, text_m, null.features, null.mask, cfg.condition_dropout,
                                 dropped=dropped[mine])
@@ -169,7 +173,7 @@ def _step_loss(model, data, global_index, factors, group, objective, cfg, loss_c
         out = model(x_t, t, spacing, text_f, text_m)
     return ccella_loss(out.prediction.float(), target, out.class_logits.float(), labels, class_mask,
                        class_loss_weight=loss_cfg.class_loss_weight, focal_alpha=loss_cfg.focal_alpha,
-                       focal_gamma=loss_cfg.focal_gamma, class_count=class_count)
+                       focal_gamma=loss_cfg.focal_gamma, class_count=class_count, voxel_weight=weight)
 
 
 @torch.no_grad()
@@ -316,7 +320,7 @@ def train_ldm(
     model.train()
     end = total_steps if stop_after is None else min(total_steps, stop_after)
     while state.step < end:
-        lr = polynomial_lr(cfg.lr, state.step, total_steps, cfg.lr_power)
+        lr = polynomial_lr(cfg.lr, state.step, total_steps, cfg.lr_power, cfg.warmup_steps)
         set_lr(optimizer, lr)
         global_index = latent_batch(train, state.step, cfg.batch_size, ctx.world_size, cfg.seed)
         losses = _step_loss(ddp_model, train, global_index, factors, group, objective, cfg, config.loss, null,
