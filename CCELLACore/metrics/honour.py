@@ -33,8 +33,8 @@ Procedure (issues "Generative core" and "Embedded demo model"):
    probability vs the truth label (AUC, rank formula). Targets: a lesion in >= 80% of exams whose report describes a
    PI-RADS >= 4 lesion, in <= 20% of PI-RADS 1-2 exams; PI-RADS 3 exams are reported separately.
 
-Outputs (:func:`write_honour`): ``honour.json`` (per-case records and the summary, never report text) and
-``honour.md`` (a Markdown section ready for a model card). :func:`update_model_card` puts that section between
+Outputs (:func:`~CCELLACore.metrics.honour_card.write_honour`): ``honour.json`` (per-case records and the summary, never report text) and
+``honour.md`` (a Markdown section ready for a model card). :func:`~CCELLACore.metrics.honour_card.update_model_card` puts that section between
 ``<!-- honour:start -->`` and ``<!-- honour:end -->`` in the model directory's README.md (``model_hash`` covers only
 weights files, so the hash does not change; this is checked).
 
@@ -50,7 +50,6 @@ import logging
 import math
 import time
 from dataclasses import asdict, dataclass, replace
-from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
@@ -59,15 +58,12 @@ from ..data.phantoms import CaseTruth, generate_phantom, phantom_report, sample_
 from ..data.preprocess import PreprocessConfig, denormalize_array, normalize_volume, preprocess_exam
 from ..data.study import Exam
 from ..errors import CCELLAError
-from ..fileio import atomic_write_json, atomic_write_text
 from ..reports import is_empty_report
 from .lesion_detector import DetectorThresholds, detect_lesions
 
 __all__ = [
     "HonourSettings",
     "EvaluationCase",
-    "CARD_START",
-    "CARD_END",
     "GROUPS",
     "rank_auc",
     "rate",
@@ -78,21 +74,26 @@ __all__ = [
     "model_representation",
     "gland_atlas",
     "detector_validity",
+    "grid_reference",
+    "anatomy",
+    "model_settings",
     "evaluate_honour",
-    "honour_markdown",
-    "write_honour",
-    "update_model_card",
+    "honour_gates",
+    "ANATOMY_MIN_CORRELATION",
 ]
 
 logger = logging.getLogger("CCELLACore")
 
-CARD_START = "<!-- honour:start -->"
-CARD_END = "<!-- honour:end -->"
 #: Report groups: the two with targets, and PI-RADS 3 (reported separately).
 GROUPS = ("pirads_4_5", "pirads_1_2", "pirads_3")
 _GROUP_TITLES = {"pirads_4_5": "PI-RADS >= 4", "pirads_1_2": "PI-RADS 1-2", "pirads_3": "PI-RADS 3"}
 #: The issue's targets: P(lesion found | group) bounds.
 TARGETS = {"pirads_4_5": (">=", 0.8), "pirads_1_2": ("<=", 0.2)}
+#: Gate 0, fixed before any generated exam was looked at: an exam "shows anatomy" when, for at least one of the
+#: atlas's real exams, every sequence correlates (Pearson, voxel-wise) at least this much with that exam's. The
+#: nearest real exam, not the mean one: one real exam in 20 of seed 3000 (an unusual pelvis) correlated only 0.06 with
+#: the mean AxT2. Noise and smooth random texture score |r| < 0.03, so the bound leaves a wide margin.
+ANATOMY_MIN_CORRELATION = 0.5
 
 
 @dataclass(frozen=True)
@@ -103,30 +104,34 @@ class HonourSettings:
         n: evaluated reports (issue: 50).
         seed: phantom world seed of the evaluated reports; must not have been used in training.
         atlas_seed: phantom seed of the gland-atlas exams (disjoint from ``seed``).
-        atlas_n: exams averaged into the gland atlas.
-        steps, sampler, guidance: generation settings (``sampler=None``: the pipeline's default).
+        atlas_n: exams averaged into the gland atlas (and into the mean exam of the anatomy check).
+        validation_seed: phantom seed on which the detector's validity (gate 1) is judged, disjoint from ``seed``,
+            so that the detector is never tuned on the cases of the final figures.
+        steps, sampler, guidance: generation settings; None = the model's own ``sampling:`` defaults.
         institution: phantom institution of both (1: the reference protocol).
-        phantom_size, phantom_spacing: grid the real phantom exams are rendered on before preprocessing
-            (None: the institution's default, 64x64x32 at 2 mm for institution 1).
+        phantom_size, phantom_spacing: grid the real phantom exams are rendered on before preprocessing; None = the
+            model's ``phantoms:`` section (the grid its training phantoms had), else the institution's default.
     """
 
     n: int = 50
     seed: int = 1000
     atlas_seed: int = 2000
     atlas_n: int = 40
-    steps: int = 20
+    validation_seed: int = 3000
+    steps: int | None = None
     sampler: str | None = None
-    guidance: float = 1.0
+    guidance: float | None = None
     institution: int = 1
     phantom_size: tuple[int, int, int] | None = None
     phantom_spacing: tuple[float, float, float] | None = None
 
     def __post_init__(self) -> None:
-        if self.n < 1 or self.atlas_n < 1 or self.steps < 1:
+        if self.n < 1 or self.atlas_n < 1 or (self.steps is not None and self.steps < 1):
             raise CCELLAError(f"n, atlas_n and steps must be >= 1, got {self.n}, {self.atlas_n}, {self.steps}")
-        if self.seed == self.atlas_seed:
-            raise CCELLAError(f"the atlas seed must differ from the evaluation seed (both {self.seed})")
-        if self.guidance < 0:
+        if len({self.seed, self.atlas_seed, self.validation_seed}) < 3:
+            raise CCELLAError(f"the evaluation, atlas and validation seeds must all differ, got {self.seed}, "
+                              f"{self.atlas_seed}, {self.validation_seed}")
+        if self.guidance is not None and self.guidance < 0:
             raise CCELLAError(f"guidance must be >= 0, got {self.guidance}")
 
 
@@ -234,25 +239,59 @@ def model_representation(exam: Exam, config: PreprocessConfig, highb_reference: 
     }, case_id=exam.case_id)
 
 
-def gland_atlas(config: PreprocessConfig, settings: HonourSettings, *, progress: bool = False) -> np.ndarray:
-    """Gland atlas on ``config.grid``: mean of ``gland > 0`` over phantom cases 0..atlas_n-1 of ``atlas_seed``,
-    each preprocessed (centred on its gland, as in training), thresholded at > 0.5.
+def grid_reference(config: PreprocessConfig, settings: HonourSettings, *,
+                   progress: bool = False) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """The gland atlas and the mean exam on ``config.grid``, from phantom cases 0..atlas_n-1 of ``atlas_seed``,
+    each preprocessed exactly as for training (centred on its gland, normalised).
 
     Returns:
-        bool array (X, Y, Z) = ``config.grid.size``.
+        ``(atlas, exams)``: atlas = bool (X, Y, Z), the voxel-wise mean of ``gland > 0`` thresholded at > 0.5;
+        exams = per sequence the (atlas_n, X, Y, Z) float32 normalised volumes, the yardstick of the anatomy check.
     """
     from tqdm.auto import tqdm
 
     total = np.zeros(tuple(config.grid.size), np.float64)
+    exams: dict[str, list[np.ndarray]] = {}
     for index in tqdm(range(settings.atlas_n), desc="gland atlas", unit="exam", disable=not progress):
         phantom = generate_phantom(index, settings.institution, settings.phantom_size, settings.phantom_spacing,
                                    settings.atlas_seed)
-        # Only the geometry matters: AxT2 fixes the grid direction, the gland mask is what is averaged.
-        exam = Exam(volumes={"AxT2": phantom.exam.volumes["AxT2"]}, masks={"gland": phantom.exam.masks["gland"]},
-                    case_id=phantom.case_id)
-        on_grid, _ = preprocess_exam(exam, _raw_config(config))
+        on_grid, _ = preprocess_exam(phantom.exam, config)
         total += on_grid.masks["gland"].array > 0
-    return total / settings.atlas_n > 0.5
+        for name, volume in on_grid.volumes.items():
+            exams.setdefault(name, []).append(np.asarray(volume.array, np.float32))
+    return total / settings.atlas_n > 0.5, {name: np.stack(arrays) for name, arrays in exams.items()}
+
+
+def gland_atlas(config: PreprocessConfig, settings: HonourSettings, *, progress: bool = False) -> np.ndarray:
+    """The atlas of :func:`grid_reference`: bool array (X, Y, Z) = ``config.grid.size``."""
+    return grid_reference(config, settings, progress=progress)[0]
+
+
+def _standardise(x: np.ndarray) -> np.ndarray:
+    """Rows of (K, V) (or one (V,)) to zero mean and unit norm, so that a dot product is Pearson's r."""
+    x = x - x.mean(axis=-1, keepdims=True)
+    norm = np.linalg.norm(x, axis=-1, keepdims=True)
+    return np.divide(x, norm, out=np.zeros_like(x), where=norm > 0)
+
+
+def anatomy(exam: Exam, references: dict[str, np.ndarray]) -> dict[str, Any]:
+    """Gate 0's check against the real exams of :func:`grid_reference` (any linear unit: the pipeline's outputs are
+    linear in the normalised volumes).
+
+    Returns:
+        ``{"anatomy": bool, "anatomy_r": {sequence: r}}``: r with the nearest real exam (the one whose worst
+        sequence correlates best), and whether all reach :data:`ANATOMY_MIN_CORRELATION`.
+    """
+    names = [name for name in references if name in exam.volumes]
+    if not names:
+        return {"anatomy": False, "anatomy_r": {}}
+    r = np.stack([
+        _standardise(references[name].reshape(len(references[name]), -1).astype(np.float64))
+        @ _standardise(np.asarray(exam.volumes[name].array, np.float64).ravel())
+        for name in names])  # (sequences, K)
+    nearest = int(np.argmax(r.min(axis=0)))
+    values = {name: round(float(r[i, nearest]), 4) for i, name in enumerate(names)}
+    return {"anatomy": min(values.values()) >= ANATOMY_MIN_CORRELATION, "anatomy_r": values}
 
 
 def _detect(exam: Exam, gland: np.ndarray, truth_side: str | None, thresholds: DetectorThresholds) -> dict[str, Any]:
@@ -304,9 +343,12 @@ def detector_validity(
     highb_reference: float = 1.0,
     thresholds: DetectorThresholds = DetectorThresholds(),
     reconstruct: Callable[[np.ndarray], np.ndarray] | None = None,
+    references: dict[str, np.ndarray] | None = None,
+    seed: int | None = None,
     progress: bool = False,
 ) -> dict[str, Any]:
-    """The detector on the REAL phantom exams of ``cases`` (seed ``settings.seed``), on ``config.grid``.
+    """The detector on the REAL phantom exams of ``cases`` (seed ``seed``, default ``settings.seed``), on
+    ``config.grid``; with ``references`` (:func:`grid_reference`) also the anatomy check on them.
 
     ``reconstruct`` (normalised (2, X, Y, Z) HighB/ADC -> reconstruction) adds the ``autoencoder`` representation.
 
@@ -318,14 +360,18 @@ def detector_validity(
     from tqdm.auto import tqdm
 
     variants = VALIDITY_VARIANTS + (AUTOENCODER_VARIANTS if reconstruct is not None else ())
+    seed = settings.seed if seed is None else seed
     records = []
     for case in tqdm(cases, desc="detector on real exams", unit="exam", disable=not progress):
         base = _case_base(case)
-        raw = real_exam_on_grid(case.index, settings.seed, config, settings)
+        raw = real_exam_on_grid(case.index, seed, config, settings)
         views = {"physical": raw, "model": model_representation(raw, config, highb_reference)}
         if reconstruct is not None:
             views["autoencoder"] = model_representation(raw, config, highb_reference, reconstruct)
         glands = {"atlas": atlas, "own": raw.masks["gland"].array > 0}
+        if references is not None:  # judged as training sees them (normalised: raw AxT2 has a long fluid tail)
+            normalised = Exam(volumes={name: normalize_volume(v, name, config) for name, v in raw.volumes.items()})
+            base.update(anatomy(normalised, references))
         record = dict(base)
         for representation, region in variants:
             result = _detect(views[representation], glands[region], base["truth_side"], thresholds)
@@ -339,12 +385,27 @@ def detector_validity(
         rates["sensitivity"] = rates["pirads_4_5"]["lesion_found"]
         rates["false_positive_rate"] = rates["pirads_1_2"]["lesion_found"]
         summary[key] = rates
+    if references is not None:
+        summary["anatomy"] = rate(sum(r["anatomy"] for r in records), len(records))
     return {"records": records, "summary": summary}
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # The evaluation
 # ----------------------------------------------------------------------------------------------------------------
+def model_settings(pipe: Any, settings: HonourSettings) -> HonourSettings:
+    """``settings`` with every unset generation option and phantom grid taken from the model folder."""
+    sampling, grid = pipe.config.sampling, pipe.config.phantoms
+    return replace(
+        settings,
+        steps=sampling.steps if settings.steps is None else settings.steps,
+        sampler=settings.sampler or sampling.sampler,
+        guidance=sampling.guidance if settings.guidance is None else settings.guidance,
+        phantom_size=settings.phantom_size or grid.size,
+        phantom_spacing=settings.phantom_spacing or grid.spacing,
+    )
+
+
 def evaluate_honour(pipe: Any, settings: HonourSettings = HonourSettings(), *, progress: bool = True,
                     thresholds: DetectorThresholds = DetectorThresholds()) -> dict[str, Any]:
     """Run the whole evaluation with a loaded :class:`~CCELLACore.pipelines.generation.CCELLAPipeline`.
@@ -360,6 +421,7 @@ def evaluate_honour(pipe: Any, settings: HonourSettings = HonourSettings(), *, p
     from ..training.precision import describe_device
 
     started = time.perf_counter()
+    settings = model_settings(pipe, settings)
     config: PreprocessConfig = pipe.config.preprocess.ldm
     grid_size = tuple(int(s) for s in pipe.metadata["grid_size"])
     if grid_size != tuple(config.grid.size):
@@ -372,11 +434,16 @@ def evaluate_honour(pipe: Any, settings: HonourSettings = HonourSettings(), *, p
     highb_reference = float(pipe.metadata.get("reference_intensities", {}).get("HighB", 1.0) or 1.0)
 
     cases = evaluation_cases(settings.n, settings.seed, settings.institution)
-    atlas = gland_atlas(config, settings, progress=progress)
+    atlas, references = grid_reference(config, settings, progress=progress)
     if not atlas.any():
         raise CCELLAError(f"the gland atlas of seed {settings.atlas_seed} is empty on grid {grid_size}")
+    # Gate 1 on the validation seed; the evaluation seed's real exams give the yardsticks of gates 2 and 3.
+    validation = detector_validity(evaluation_cases(settings.n, settings.validation_seed, settings.institution),
+                                   config, atlas, settings, highb_reference=highb_reference, thresholds=thresholds,
+                                   references=references, seed=settings.validation_seed, progress=progress)
     validity = detector_validity(cases, config, atlas, settings, highb_reference=highb_reference,
-                                 thresholds=thresholds, reconstruct=pipe.reconstruct, progress=progress)
+                                 thresholds=thresholds, reconstruct=pipe.reconstruct, references=references,
+                                 progress=progress)
 
     records = []
     sampler_used = None
@@ -388,7 +455,7 @@ def evaluate_honour(pipe: Any, settings: HonourSettings = HonourSettings(), *, p
                               f"{atlas.shape} differ in size")
         base = _case_base(case)
         record = {**base, "seed": k, **_detect(out.exam, atlas, base["truth_side"], thresholds),
-                  "probability": round(float(out.class_probability), 6)}
+                  **anatomy(out.exam, references), "probability": round(float(out.class_probability), 6)}
         records.append(record)
 
     summary = _group_rates(records)
@@ -402,13 +469,23 @@ def evaluate_honour(pipe: Any, settings: HonourSettings = HonourSettings(), *, p
         "positives": sum(1 for r in labelled if r["truth_label"] == 1),
         "negatives": sum(1 for r in labelled if r["truth_label"] == 0),
     }
+    # The adapter judged against the report: PI-RADS >= 4 vs PI-RADS 1-2 (labels are drawn from P(csPCa | PI-RADS),
+    # so no report-only predictor separates the labels much better than the report groups allow).
+    grouped = [r for r in records if r["group"] in ("pirads_4_5", "pirads_1_2")]
+    summary["auc_report"] = {
+        "value": rank_auc([r["probability"] for r in grouped], [int(r["group"] == "pirads_4_5") for r in grouped]),
+        "positives": sum(1 for r in grouped if r["group"] == "pirads_4_5"),
+        "negatives": sum(1 for r in grouped if r["group"] == "pirads_1_2"),
+    }
+    summary["anatomy"] = rate(sum(r["anatomy"] for r in records), len(records))
     spacing = tuple(float(s) for s in config.grid.spacing)
     return {
         "settings": {
             "model_hash": pipe.model_hash, "steps": settings.steps, "sampler": sampler_used, "guidance": settings.guidance,
             "n": settings.n, "seed": settings.seed, "case_indices": [c.index for c in cases],
             "generation_seeds": f"0..{settings.n - 1}", "atlas_seed": settings.atlas_seed,
-            "atlas_n": settings.atlas_n, "institution": settings.institution,
+            "atlas_n": settings.atlas_n, "validation_seed": settings.validation_seed,
+            "institution": settings.institution,
             "phantom_size": list(settings.phantom_size) if settings.phantom_size else None,
             "phantom_spacing": list(settings.phantom_spacing) if settings.phantom_spacing else None,
             "grid_size": list(grid_size), "grid_spacing": list(spacing),
@@ -417,127 +494,63 @@ def evaluate_honour(pipe: Any, settings: HonourSettings = HonourSettings(), *, p
         "detector": asdict(thresholds),
         "atlas": {"voxels": int(atlas.sum()), "volume_cc": round(float(atlas.sum()) * float(np.prod(spacing)) / 1000, 2)},
         "detector_validity": validity,
+        "detector_validation": validation,
         "records": records,
         "summary": summary,
     }
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Outputs
-# ----------------------------------------------------------------------------------------------------------------
+def _check(figure: str, target: str, met: bool | None) -> dict[str, Any]:
+    return {"figure": figure, "target": target, "met": met}
+
+
+def _at_least(r: dict[str, Any], bound: float) -> bool | None:
+    return None if r["rate"] is None else r["rate"] >= bound - 1e-12
+
+
+def _at_most(r: dict[str, Any], bound: float) -> bool | None:
+    return None if r["rate"] is None else r["rate"] <= bound + 1e-12
+
+
+def honour_gates(result: dict[str, Any]) -> list[dict[str, Any]]:
+    """The four gates of a demo model, in order, each a list of checks ``{"figure", "target", "met"}``:
+    0 anatomy in every generated exam; 1 the detector valid on the validation seed's real exams; 2 the autoencoder
+    ceiling close to the real exams; 3 the generated exams honour their reports. ``met`` is None where a group is
+    empty."""
+    s = result["summary"]
+    real = result["detector_validity"]["summary"]["model_atlas"]
+    valid = result["detector_validation"]["summary"]["model_atlas"]
+    ceiling = result["detector_validity"]["summary"].get("autoencoder_atlas")
+    sens, fp = s["pirads_4_5"]["lesion_found"], s["pirads_1_2"]["lesion_found"]
+    real_sens, real_fp = real["sensitivity"]["rate"] or 0.0, real["false_positive_rate"]["rate"] or 0.0
+    auc = s["auc_report"]["value"]
+    gates = [
+        {"gate": 0, "name": "every generated exam shows anatomy",
+         "checks": [_check(f"{s['anatomy']['count']} exams", "all", s["anatomy"]["k"] == s["anatomy"]["n"])]},
+        {"gate": 1, "name": f"detector on real exams of the validation seed {result['settings']['validation_seed']}",
+         "checks": [_check(f"sensitivity {_fmt(valid['sensitivity'])}", ">= 90%", _at_least(valid["sensitivity"], 0.9)),
+                    _check(f"false positives {_fmt(valid['false_positive_rate'])}", "<= 15%",
+                           _at_most(valid["false_positive_rate"], 0.15))]},
+    ]
+    if ceiling is not None:
+        gates.append({"gate": 2, "name": "autoencoder ceiling (real exams through the autoencoder)", "checks": [
+            _check(f"sensitivity {_fmt(ceiling['sensitivity'])}", f">= 90% of real ({0.9 * real_sens:.0%})",
+                   _at_least(ceiling["sensitivity"], 0.9 * real_sens)),
+            _check(f"false positives {_fmt(ceiling['false_positive_rate'])}", f"<= real + 5 points ({real_fp + 0.05:.0%})",
+                   _at_most(ceiling["false_positive_rate"], real_fp + 0.05))]})
+    gates.append({"gate": 3, "name": "generated exams honour their reports", "checks": [
+        _check(f"lesion found, PI-RADS >= 4: {_fmt(sens)}", f">= 80% and >= real - 10 points ({real_sens - 0.1:.0%})",
+               _at_least(sens, max(0.8, real_sens - 0.1))),
+        _check(f"lesion found, PI-RADS 1-2: {_fmt(fp)}", f"<= 20% and <= real + 10 points ({real_fp + 0.1:.0%})",
+               _at_most(fp, min(0.2, real_fp + 0.1))),
+        _check(f"class AUC, PI-RADS >= 4 vs 1-2 reports: {'-' if auc is None else f'{auc:.3f}'}", ">= 0.97",
+               None if auc is None else auc >= 0.97),
+        _check(f"side right, detected PI-RADS >= 4: {_fmt(s['side_correct_pirads_4_5'])}", ">= 75%",
+               _at_least(s["side_correct_pirads_4_5"], 0.75))]})
+    return gates
+
+
 def _fmt(r: dict[str, Any]) -> str:
     return f"{r['count']} ({r['rate']:.0%})" if r["rate"] is not None else f"{r['count']} (-)"
 
 
-def honour_markdown(result: dict[str, Any]) -> str:
-    """The model card section (Markdown): the figures, the detector's validity and the settings."""
-    s, summary = result["settings"], result["summary"]
-    validity = result["detector_validity"]["summary"]
-    auc = summary["auc"]
-    auc_text = (f"{auc['value']:.3f} ({auc['positives']} positive / {auc['negatives']} negative)"
-                if auc["value"] is not None else f"- (one class only: {auc['positives']} positive / "
-                f"{auc['negatives']} negative)")
-
-    def target(group: str) -> str:
-        g = summary[group]
-        if "target" not in g:
-            return "reported separately"
-        met = g["meets_target"]
-        return f"{g['target']}: " + ("met" if met else "not met" if met is not None else "no exams")
-
-    lines = [
-        "## Report faithfulness",
-        "",
-        f"Generated from {s['n']} phantom reports of seed {s['seed']} (a seed not used in training); a fixed "
-        "rule-based detector "
-        "(bright on HighB and low on ADC against the gland, inside a gland atlas) decides whether a lesion appears.",
-        "",
-        "| Measure | Result | Target |",
-        "|---|---|---|",
-    ]
-    for group in GROUPS:
-        lines.append(f"| Lesion found, report {_GROUP_TITLES[group]} | {_fmt(summary[group]['lesion_found'])} | "
-                     f"{target(group)} |")
-    lines += [
-        f"| Side of largest detection = side of report's index lesion | {_fmt(summary['side_correct'])} | - |",
-        f"| ... of which report PI-RADS >= 4 | {_fmt(summary['side_correct_pirads_4_5'])} | - |",
-        f"| Predicted csPCa probability vs label, AUC | {auc_text} | - |",
-        "",
-        "Detector on the real phantom exams of the same cases (same grid), before judging generated exams:",
-        "",
-        "| Representation, gland region | Sensitivity, PI-RADS >= 4 | False positives, PI-RADS 1-2 | Side correct |",
-        "|---|---|---|---|",
-    ]
-    names = {"model": "as the model sees it (normalised)", "physical": "physical units",
-             "autoencoder": "through the model's autoencoder (the ceiling of any generated exam)"}
-    for representation, region in VALIDITY_VARIANTS + AUTOENCODER_VARIANTS:
-        v = validity.get(f"{representation}_{region}")
-        if v is None:
-            continue
-        lines.append(f"| {names[representation]}, {'gland atlas' if region == 'atlas' else 'own gland mask'} | "
-                     f"{_fmt(v['sensitivity'])} | {_fmt(v['false_positive_rate'])} | {_fmt(v['side_correct'])} |")
-    d = result["detector"]
-    phantom_args = ""
-    if s.get("phantom_size"):
-        phantom_args += " --phantom-size " + " ".join(str(v) for v in s["phantom_size"])
-    if s.get("phantom_spacing"):
-        phantom_args += " --phantom-spacing " + " ".join(f"{v:g}" for v in s["phantom_spacing"])
-    lines += [
-        "",
-        "| Setting | Value |",
-        "|---|---|",
-        f"| Model hash (SHA-256 of weights) | `{s['model_hash']}` |",
-        f"| Sampler, steps, guidance | {s['sampler']}, {s['steps']}, {s['guidance']:g} |",
-        f"| Reports (N), phantom seed, institution | {s['n']}, {s['seed']}, {s['institution']} |",
-        f"| Generation seeds | {s['generation_seeds']} |",
-        f"| Gland atlas | {s['atlas_n']} exams of phantom seed {s['atlas_seed']}, "
-        f"{result['atlas']['volume_cc']:g} cc |",
-        f"| Output grid | {' x '.join(map(str, s['grid_size']))} voxels at "
-        f"{' x '.join(f'{v:g}' for v in s['grid_spacing'])} mm |",
-        f"| Detector thresholds | HighB >= {d['highb_ratio']:g} x gland median, ADC <= {d['adc_ratio']:g} x gland "
-        f"median and <= {d['adc_max']:g}, >= {d['min_volume_mm3']:g} mm^3 |",
-        f"| Machine | {s['machine']} |",
-        f"| Wall time | {s['wall_time_s']:.1f} s |",
-        "",
-        "Reproduce: `ccella honour --model DIR "
-        f"--n {s['n']} --seed {s['seed']} --atlas-seed {s['atlas_seed']} --atlas-n {s['atlas_n']} "
-        f"--steps {s['steps']} --sampler {s['sampler']} --guidance {s['guidance']:g}{phantom_args} --out OUT`.",
-    ]
-    return "\n".join(lines) + "\n"
-
-
-def write_honour(result: dict[str, Any], out_dir: str | Path) -> tuple[Path, Path]:
-    """Write ``honour.json`` and ``honour.md`` atomically; returns their paths."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    json_path = atomic_write_json(out_dir / "honour.json", result)
-    md_path = atomic_write_text(out_dir / "honour.md", honour_markdown(result))
-    return Path(json_path), Path(md_path)
-
-
-def update_model_card(model_dir: str | Path, section: str) -> Path:
-    """Put ``section`` between :data:`CARD_START` and :data:`CARD_END` in ``model_dir/README.md`` (appended with
-    the markers when they are absent), atomically. The weights and ``model_hash`` do not change (checked).
-
-    Raises:
-        CCELLAError: no model directory, markers out of order, or the model hash changed (it must cover weights only).
-    """
-    from ..models.serialization import model_hash
-
-    model_dir = Path(model_dir)
-    card_path = model_dir / "README.md"
-    before = model_hash(model_dir)
-    text = card_path.read_text(encoding="utf-8") if card_path.is_file() else ""
-    block = f"{CARD_START}\n{section.rstrip()}\n{CARD_END}"
-    start, end = text.find(CARD_START), text.find(CARD_END)
-    if start >= 0 and end > start:
-        text = text[:start] + block + text[end + len(CARD_END):]
-    elif start >= 0 or end >= 0:
-        raise CCELLAError(f"{card_path}: found only one of {CARD_START} / {CARD_END}, or them out of order")
-    else:
-        text = (text.rstrip() + "\n\n" if text.strip() else "") + block + "\n"
-    logger.warning("updating the model card %s (the README only; weights and model hash are unchanged)", card_path)
-    atomic_write_text(card_path, text)
-    if model_hash(model_dir) != before:
-        raise CCELLAError(f"{model_dir}: model_hash changed after editing README.md; it must cover weights only")
-    return card_path

@@ -13,7 +13,8 @@ from pathlib import Path
 
 from ..cli import positive_int
 
-from .honour import HonourSettings, evaluate_honour, honour_markdown, update_model_card, write_honour
+from .honour import HonourSettings, evaluate_honour, honour_gates
+from .honour_card import honour_markdown, update_model_card, write_honour
 
 __all__ = ["add_arguments", "run"]
 
@@ -31,12 +32,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="phantom seed of the evaluated reports; must not have been used in training (default 1000)")
     parser.add_argument("--atlas-seed", type=int, default=2000, help="phantom seed of the gland-atlas exams (default 2000)")
     parser.add_argument("--atlas-n", type=positive_int, default=40, help="exams in the gland atlas (default 40)")
-    parser.add_argument("--steps", type=positive_int, default=20, help="sampling steps (default 20)")
+    parser.add_argument("--validation-seed", type=int, default=3000,
+                        help="phantom seed on which the detector itself is validated (gate 1; default 3000)")
+    parser.add_argument("--steps", type=positive_int, default=None, help="sampling steps (default: the model's)")
     parser.add_argument("--sampler", default=None, help="ddpm, ddim, dpm-solver++ or rflow (default: the model's)")
-    parser.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance scale (default 1)")
+    parser.add_argument("--guidance", type=float, default=None,
+                        help="classifier-free guidance scale (default: the model's)")
     parser.add_argument("--institution", type=int, choices=(1, 2), default=1, help="phantom institution (default 1)")
     parser.add_argument("--phantom-size", type=int, nargs=3, metavar=("X", "Y", "Z"), default=None,
-                        help="grid the real phantom exams are rendered on (default: the institution's)")
+                        help="grid the real phantom exams are rendered on (default: the model's phantoms: section, "
+                             "else the institution's)")
     parser.add_argument("--phantom-spacing", type=float, nargs=3, metavar=("SX", "SY", "SZ"), default=None,
                         help="their voxel size in mm (default: the institution's)")
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
@@ -49,7 +54,8 @@ def run(args: argparse.Namespace) -> int:
     from ..pipelines.generation import CCELLAPipeline
 
     settings = HonourSettings(
-        n=args.n, seed=args.seed, atlas_seed=args.atlas_seed, atlas_n=args.atlas_n, steps=args.steps,
+        n=args.n, seed=args.seed, atlas_seed=args.atlas_seed, atlas_n=args.atlas_n,
+        validation_seed=args.validation_seed, steps=args.steps,
         sampler=args.sampler, guidance=args.guidance, institution=args.institution,
         phantom_size=tuple(args.phantom_size) if args.phantom_size else None,
         phantom_spacing=tuple(args.phantom_spacing) if args.phantom_spacing else None,
@@ -64,6 +70,10 @@ def run(args: argparse.Namespace) -> int:
     ceiling = result["detector_validity"]["summary"]["autoencoder_atlas"]
     logger.info("honour: ceiling of the model's autoencoder (real exams reconstructed): %s (PI-RADS >= 4), "
                 "%s (PI-RADS 1-2)", ceiling["sensitivity"]["count"], ceiling["false_positive_rate"]["count"])
+    for gate in honour_gates(result):
+        for check in gate["checks"]:
+            logger.info("gate %d (%s): %s, target %s: %s", gate["gate"], gate["name"], check["figure"],
+                        check["target"], {True: "met", False: "NOT met", None: "no exams"}[check["met"]])
     print(f"wrote {json_path} and {md_path}")
     if args.update_card:
         card = update_model_card(args.model, honour_markdown(result))

@@ -13,20 +13,22 @@ import pytest
 
 from CCELLACore.errors import CCELLAError
 from CCELLACore.metrics import honour_cli
+from CCELLACore.metrics.honour_card import CARD_END, CARD_START, update_model_card
 from CCELLACore.metrics.honour import (
-    CARD_END,
-    CARD_START,
+    ANATOMY_MIN_CORRELATION,
     GROUPS,
     HonourSettings,
     detector_validity,
     evaluation_cases,
+    anatomy,
     gland_atlas,
+    grid_reference,
+    honour_gates,
     model_representation,
     pirads_group,
     rank_auc,
     real_exam_on_grid,
     report_side,
-    update_model_card,
 )
 from CCELLACore.models.serialization import model_hash
 from CCELLACore.settings import load_config
@@ -85,6 +87,16 @@ def test_honour_script_on_a_tiny_model(tiny_model, tmp_path):
     assert result["atlas"]["voxels"] > 100
     validity = result["detector_validity"]
     assert len(validity["records"]) == 4
+    # Gates 0-3: the anatomy check and the validation seed's detector run on every evaluation.
+    assert summary["anatomy"]["n"] == 4 and all(isinstance(r["anatomy"], bool) for r in records)
+    assert all(set(r["anatomy_r"]) == {"AxT2", "HighB", "ADC"} for r in records)
+    grouped = [r for r in records if r["group"] != "pirads_3"]
+    assert summary["auc_report"]["positives"] + summary["auc_report"]["negatives"] == len(grouped)
+    assert len(result["detector_validation"]["records"]) == 4 and settings["validation_seed"] == 3000
+    assert result["detector_validation"]["summary"]["anatomy"]["n"] == 4
+    gates = honour_gates(result)
+    assert [g["gate"] for g in gates] == [0, 1, 2, 3]
+    assert gates[0]["checks"][0]["met"] == (summary["anatomy"]["k"] == 4)
     assert set(validity["summary"]) == {"model_atlas", "model_own", "physical_atlas", "physical_own",
                                         "autoencoder_atlas", "autoencoder_own"}
 
@@ -192,7 +204,33 @@ def test_groups_sides_and_settings():
         else:
             top = max(lesion.pirads for lesion in case.truth.lesions)
             assert top == case.truth.pirads and side in ("left", "right")
-    with pytest.raises(CCELLAError, match="atlas seed"):
+    with pytest.raises(CCELLAError, match="seeds must all differ"):
         HonourSettings(seed=5, atlas_seed=5)
+    with pytest.raises(CCELLAError, match="seeds must all differ"):
+        HonourSettings(seed=5, validation_seed=5)
     with pytest.raises(CCELLAError, match="n, atlas_n and steps"):
         HonourSettings(n=0)
+
+
+def test_anatomy_check_passes_real_exams_and_fails_noise():
+    """Gate 0's check on the tiny grid: real phantom exams of another seed have anatomy, noise and smooth random
+    texture do not."""
+    from scipy import ndimage
+
+    from CCELLACore.data.study import Exam
+
+    config = load_config("tiny").preprocess.ldm
+    settings = HonourSettings(n=6, atlas_n=8, phantom_size=(32, 32, 16), phantom_spacing=(4.0, 4.0, 4.0))
+    atlas, references = grid_reference(config, settings)
+    assert atlas.shape == (32, 32, 16) and references["AxT2"].shape == (8, 32, 32, 16)
+    summary = detector_validity(evaluation_cases(6, settings.seed), config, atlas, settings,
+                                references=references)["summary"]
+    assert summary["anatomy"]["k"] == 6
+    real = real_exam_on_grid(0, settings.seed, config, settings)
+    rng = np.random.default_rng(0)
+    noise = Exam(volumes={k: v.with_array(rng.random(v.shape)) for k, v in real.volumes.items()})
+    texture = Exam(volumes={k: v.with_array(ndimage.gaussian_filter(rng.random(v.shape), 2)) for k, v in
+                            real.volumes.items()})
+    for fake in (noise, texture):
+        result = anatomy(fake, references)
+        assert not result["anatomy"] and max(result["anatomy_r"].values()) < ANATOMY_MIN_CORRELATION / 2
