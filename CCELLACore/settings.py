@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .config import builtin_config_path, from_dict, load_yaml
+from .data.phantoms_cli import PhantomGridConfig
 from .data.preprocess import GridConfig, PreprocessConfig
 from .data.study import SEQUENCES
 from .models.autoencoder import AutoencoderConfig
@@ -69,6 +70,7 @@ class CCELLAConfig:
     train_ldm: LDMTrainingConfig = field(default_factory=LDMTrainingConfig)
     train_autoencoder: AutoencoderTrainingConfig = field(default_factory=AutoencoderTrainingConfig)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    phantoms: PhantomGridConfig = field(default_factory=PhantomGridConfig)
 
     def __post_init__(self) -> None:
         if not self.sequences or any(s not in SEQUENCES for s in self.sequences):

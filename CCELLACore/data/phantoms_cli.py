@@ -14,6 +14,7 @@ same bytes). Same seed, same bytes.
 from __future__ import annotations
 
 import argparse
+from dataclasses import dataclass
 import logging
 from pathlib import Path
 
@@ -25,7 +26,7 @@ from .phantoms import generate_phantom, get_institution, phantom_report, sample_
 from .study import Study
 from .volume import write_volume
 
-__all__ = ["add_arguments", "run", "assign_splits", "LAYOUTS", "CASE_FILES"]
+__all__ = ["add_arguments", "run", "assign_splits", "LAYOUTS", "CASE_FILES", "PhantomGridConfig"]
 
 logger = logging.getLogger("CCELLACore.phantoms")
 
@@ -35,11 +36,32 @@ CASE_FILES = {"AxT2": "axt2.nii.gz", "HighB": "highb.nii.gz", "ADC": "adc.nii.gz
 _SPLIT_NAMES = ("train", "val", "test")
 
 
+@dataclass(frozen=True)
+class PhantomGridConfig:
+    """The AxT2 grid a model's phantoms are rendered on (``phantoms:`` in a config); None = the institution's default.
+
+    A model trained on phantoms records it, so that ``ccella honour`` renders its real comparison exams on the same
+    grid, and ``ccella phantoms --config`` builds its training data (the demo: 96 x 96 x 56 voxels at 1 mm, finer
+    than its 64 x 64 x 32 training grid at 1 x 1 x 1.5 mm, so preprocessing only ever downsamples).
+    """
+
+    size: tuple[int, int, int] | None = None
+    spacing: tuple[float, float, float] | None = None
+
+    def __post_init__(self) -> None:
+        if self.size is not None and (len(self.size) != 3 or min(self.size) < 4):
+            raise ValueError(f"phantoms.size must be 3 integers >= 4, got {self.size}")
+        if self.spacing is not None and (len(self.spacing) != 3 or min(self.spacing) <= 0):
+            raise ValueError(f"phantoms.spacing must be 3 positive numbers in mm, got {self.spacing}")
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--institution", type=int, choices=(1, 2), required=True, help="1 or 2: scanner/protocol profile")
     parser.add_argument("--n", type=int, required=True, help="number of studies (cases) to write")
     parser.add_argument("--size", type=int, nargs=3, metavar=("X", "Y", "Z"), help="AxT2 grid in voxels (default 64 64 32 for institution 1)")
     parser.add_argument("--spacing", type=float, nargs=3, metavar=("SX", "SY", "SZ"), help="AxT2 voxel size in mm (default 2 2 2 for institution 1)")
+    parser.add_argument("--config", default=None,
+                        help="take --size/--spacing from this config's phantoms: section (paper, demo, tiny or a YAML)")
     parser.add_argument("--seed", type=int, default=0, help="world seed: same seed, same bytes")
     parser.add_argument("--out", type=Path, required=True, help="output folder")
     parser.add_argument("--first-index", type=int, default=0, help="index of the first case (disjoint ranges give disjoint cases)")
@@ -75,6 +97,12 @@ def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     profile = get_institution(args.institution)
+    if args.config is not None:
+        from ..settings import load_config
+
+        grid = load_config(args.config).phantoms
+        args.size = args.size if args.size is not None else grid.size
+        args.spacing = args.spacing if args.spacing is not None else grid.spacing
     if args.n < 1 or args.first_index < 0:
         raise SystemExit("ccella phantoms: --n must be >= 1 and --first-index >= 0")
     if not 0 <= args.multi_study_fraction < 1:
