@@ -4,16 +4,18 @@ Every stated fact is the truth's: lesion side, level, zone, sector, size and PI-
 density; confounders (BPH, prostatitis, haemorrhage, cysts), EPE; the overall category. What varies is the wording
 ("PI-RADS 4", "PIRADS 4/5", "category 4", "v2.1 score 4"), units (mm or cm), abbreviations (PZ, TZ, EPE, SVI),
 section order, negations and non-ASCII symbols (µ, ≥, ×) as in real reports. About 10% of reports are empty.
+
+A report is written from the case truth alone (:mod:`~CCELLACore.data.phantom_truth`), never from the images:
+this module imports phantom_truth only, and :mod:`~CCELLACore.data.phantoms` (the renderer) imports this one.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
-if TYPE_CHECKING:  # avoid a circular import: phantoms imports this module
-    from .phantoms import CaseTruth, ConfounderTruth, LesionTruth
+from .phantom_truth import CaseTruth, ConfounderTruth, LesionTruth
 
 __all__ = ["write_report", "EMPTY_REPORT_PROBABILITY", "score_phrase", "sector_phrase"]
 
@@ -69,7 +71,7 @@ def sector_phrase(side: str, level: str, zone: str, sector: str, rng: np.random.
     return f"{zone_short} ({side}, {level_word})"
 
 
-def _size_phrase(lesion: "LesionTruth", rng: np.random.Generator) -> str:
+def _size_phrase(lesion: LesionTruth, rng: np.random.Generator) -> str:
     d, s = lesion.diameter_mm, lesion.short_mm
     return _pick(
         rng,
@@ -84,7 +86,7 @@ def _size_phrase(lesion: "LesionTruth", rng: np.random.Generator) -> str:
     )
 
 
-def _lesion_sentence(truth: "CaseTruth", lesion: "LesionTruth", rng: np.random.Generator) -> str:
+def _lesion_sentence(truth: CaseTruth, lesion: LesionTruth, rng: np.random.Generator) -> str:
     where = sector_phrase(lesion.side, lesion.level, lesion.zone, lesion.sector, rng)
     size = _size_phrase(lesion, rng)
     b = truth.b_value
@@ -123,7 +125,7 @@ def _lesion_sentence(truth: "CaseTruth", lesion: "LesionTruth", rng: np.random.G
     return text + epe
 
 
-def _confounder_sentence(conf: "ConfounderTruth", rng: np.random.Generator) -> str:
+def _confounder_sentence(conf: ConfounderTruth, rng: np.random.Generator) -> str:
     side = "midline" if conf.side == "midline" else conf.side
     where = f"{side} {_pick(rng, _LEVEL_WORDS[conf.level])} {_ZONE_WORDS[conf.zone][_pick(rng, (0, 1))]}"
     if conf.kind == "prostatitis":
@@ -151,15 +153,13 @@ def _confounder_sentence(conf: "ConfounderTruth", rng: np.random.Generator) -> s
     )
 
 
-def write_report(truth: "CaseTruth | dict[str, Any]", rng: np.random.Generator) -> str:
+def write_report(truth: CaseTruth | dict[str, Any], rng: np.random.Generator) -> str:
     """A free-text bpMRI report consistent with ``truth`` (``""`` for ~10% of cases: no report available).
 
     Args:
-        truth: a :class:`~CCELLACore.data.phantoms.CaseTruth` (or its ``to_dict()``).
+        truth: a :class:`~CCELLACore.data.phantom_truth.CaseTruth` (or its ``to_dict()``).
         rng: the case's own generator (the wording is random, the facts are not).
     """
-    from .phantoms import CaseTruth
-
     if isinstance(truth, dict):
         truth = CaseTruth.from_dict(truth)
     if rng.random() < EMPTY_REPORT_PROBABILITY:
