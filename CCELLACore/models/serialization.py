@@ -11,6 +11,11 @@ A trained CCELLA++ model is one directory that explains itself (like an nnU-Net 
 
 Weights are only ever read from safetensors or through ``torch.load(..., weights_only=True)``: a pickle that needs to
 run code to load is refused, and nothing in it runs.
+
+A model folder can only make the loaders read files inside itself: every path it names (``model.json``'s
+``components``, and the files the loaders open: ``config.yaml``, ``model.json``, weights found by listing) is
+resolved, symlinks followed, and refused with a :class:`CCELLAError` naming the folder, the key and the path when it
+is absolute, climbs out with ``..`` or is a symlink to somewhere outside the folder.
 """
 
 from __future__ import annotations
@@ -219,6 +224,33 @@ def check_state_dict(
 
 
 # ------------------------------------------------------------------------------------------------- model directories
+def _inside(directory: Path, listed: Any, key: str) -> Path:
+    """``directory / listed``, refused unless it stays inside ``directory`` once resolved (symlinks followed).
+
+    ``key`` says where the path was named (e.g. ``"model.json: components.ldm"``). The returned path keeps the name
+    as listed (model hashes cover file names), and it is not required to exist.
+    """
+    if not isinstance(listed, str) or not listed.strip() or "\0" in listed:
+        raise CCELLAError(f"{directory}: {key} must name a file in the model folder, got {listed!r}")
+    relative = Path(listed)
+    if relative.is_absolute() or relative.drive or relative.root:
+        raise CCELLAError(f"{directory}: {key} names an absolute path {listed!r}; a model folder may only name "
+                          "files inside itself")
+    if os.path.normpath(listed).split(os.sep)[0] == os.pardir:
+        raise CCELLAError(f"{directory}: {key} names {listed!r}, which leaves the model folder ('..'); a model "
+                          "folder may only name files inside itself")
+    path = directory / relative
+    root = directory.resolve()
+    try:
+        resolved = path.resolve()
+    except (OSError, RuntimeError) as exc:  # a symlink loop
+        raise CCELLAError(f"{directory}: {key}: {listed!r} cannot be resolved ({exc})") from None
+    if resolved != root and not resolved.is_relative_to(root):
+        raise CCELLAError(f"{directory}: {key} names {listed!r}, a symlink (or a path through one) to {resolved}, "
+                          "outside the model folder; a model folder may only name files inside itself")
+    return path
+
+
 def _hash_files(files: list[Path]) -> str:
     digest = hashlib.sha256()
     for path in sorted(files, key=lambda p: p.name):
@@ -231,8 +263,11 @@ def _hash_files(files: list[Path]) -> str:
 
 def _component_files(directory: Path, components: Mapping[str, str] | None = None) -> list[Path]:
     if components is not None:
-        return [directory / name for name in components.values()]
-    return sorted(p for p in directory.iterdir() if p.is_file() and p.suffix.lower() in _WEIGHT_SUFFIXES)
+        if not isinstance(components, Mapping):
+            raise CCELLAError(f"{directory}: model.json: 'components' must map component names to weights files")
+        return [_inside(directory, listed, f"model.json: components.{name}") for name, listed in components.items()]
+    listed = sorted(p.name for p in directory.iterdir() if p.suffix.lower() in _WEIGHT_SUFFIXES)
+    return [p for p in (_inside(directory, name, name) for name in listed) if p.is_file()]
 
 
 def model_hash(directory: str | Path) -> str:
@@ -240,7 +275,7 @@ def model_hash(directory: str | Path) -> str:
     directory = Path(directory)
     if not directory.is_dir():
         raise CCELLAError(f"{directory}: model directory not found")
-    meta_path = directory / "model.json"
+    meta_path = _inside(directory, "model.json", "model.json")
     components = read_json(meta_path).get("components") if meta_path.is_file() else None
     files = _component_files(directory, components)
     for path in files:
@@ -337,19 +372,20 @@ def read_model_config(directory: str | Path) -> dict[str, Any]:
     directory = Path(directory)
     if not directory.is_dir():
         raise CCELLAError(f"{directory}: model directory not found")
-    path = directory / "config.yaml"
+    path = _inside(directory, "config.yaml", "config.yaml")
     if not path.is_file():
         raise CCELLAError(f"{path}: missing; a model directory needs config.yaml, model.json and its weights files")
     return load_yaml(path)
 
 
-def _find_weights(directory: Path, name: str, listed: str) -> Path:
-    path = directory / listed
+def _find_weights(directory: Path, name: str, listed: Any) -> Path:
+    key = f"model.json: components.{name}"
+    path = _inside(directory, listed, key)
     if path.is_file():
         return path
     # A .pt/.pkl left in place of the safetensors file is read only weights-only (a malicious one is refused).
     for suffix in _PICKLE_SUFFIXES:
-        alt = directory / f"{name}{suffix}"
+        alt = _inside(directory, f"{name}{suffix}", key)
         if alt.is_file():
             return alt
     raise CCELLAError(f"{path}: weights file of component '{name}' not found")
@@ -376,7 +412,7 @@ def load_model_dir(
     """
     directory = Path(directory)
     config = read_model_config(directory)
-    meta_path = directory / "model.json"
+    meta_path = _inside(directory, "model.json", "model.json")
     if not meta_path.is_file():
         raise CCELLAError(f"{meta_path}: missing; a model directory needs config.yaml, model.json and weights files")
     metadata = read_json(meta_path)
@@ -402,7 +438,7 @@ def load_model_dir(
     state_dicts: dict[str, dict[str, torch.Tensor]] = {}
     used_files = []
     for name, listed in components.items():
-        path = _find_weights(directory, name, str(listed))
+        path = _find_weights(directory, name, listed)
         used_files.append(path)
         state_dicts[name] = load_state_dict_file(path)
     if verify_hash and metadata.get("model_hash") is not None:
@@ -413,7 +449,7 @@ def load_model_dir(
                 f"recorded model_hash (files changed after saving)"
             )
     for name, module in (modules or {}).items():
-        path = _find_weights(directory, name, str(components[name]))
+        path = _find_weights(directory, name, components[name])
         check_state_dict(state_dicts[name], module, source=path, component=name)
         module.load_state_dict(state_dicts[name])
     return config, metadata, state_dicts

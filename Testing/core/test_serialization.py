@@ -145,6 +145,73 @@ def test_tampered_weights_and_bad_metadata(tmp_path):
         save_model_dir(tmp_path / "m2", _components(0), TINY, {"latent_scale_factors": {"AxT2": 1.0}}, "card")
 
 
+def test_model_dir_cannot_make_the_loader_read_files_outside_it(tmp_path):
+    model_dir = tmp_path / "model"
+    comps = _save(model_dir)
+    meta = json.loads((model_dir / "model.json").read_text())
+    # A loadable copy of the head's weights outside the folder, under the same name: without the confinement it
+    # would load, hash check included.
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    outside = elsewhere / "head.safetensors"
+    outside.write_bytes((model_dir / "head.safetensors").read_bytes())
+
+    def name_head(listed: str) -> None:
+        data = {**meta, "components": {**meta["components"], "head": listed}}
+        (model_dir / "model.json").write_text(json.dumps(data))
+
+    def refused(words: str, listed: str) -> None:
+        for call in (lambda: load_model_dir(model_dir), lambda: load_model_dir(model_dir, _build_from(model_dir)),
+                     lambda: model_hash(model_dir)):
+            with pytest.raises(CCELLAError) as info:
+                call()
+            message = str(info.value)
+            assert str(model_dir) in message and "components.head" in message and repr(listed) in message, message
+            assert words in message, message
+
+    name_head("../elsewhere/head.safetensors")
+    refused("leaves the model folder", "../elsewhere/head.safetensors")
+    name_head("sub/../../elsewhere/head.safetensors")
+    refused("leaves the model folder", "sub/../../elsewhere/head.safetensors")
+    name_head(str(outside))
+    refused("absolute path", str(outside))
+    (model_dir / "linked.safetensors").symlink_to(outside)
+    name_head("linked.safetensors")
+    refused(f"symlink (or a path through one) to {outside.resolve()}", "linked.safetensors")
+    (model_dir / "linked_dir").symlink_to(elsewhere, target_is_directory=True)
+    name_head("linked_dir/head.safetensors")
+    refused("outside the model folder", "linked_dir/head.safetensors")
+
+    # Files the loaders open by their fixed names are confined too.
+    name_head("head.safetensors")
+    (elsewhere / "config.yaml").write_text((model_dir / "config.yaml").read_text())
+    (model_dir / "config.yaml").unlink()
+    (model_dir / "config.yaml").symlink_to(elsewhere / "config.yaml")
+    with pytest.raises(CCELLAError, match=r"config\.yaml names 'config\.yaml', a symlink .* outside the model folder"):
+        read_model_config(model_dir)
+    (model_dir / "config.yaml").unlink()
+    (model_dir / "config.yaml").write_text((elsewhere / "config.yaml").read_text())
+    # Without model.json, model_hash lists the folder's weights files: a symlink among them escapes as well.
+    (model_dir / "model.json").rename(tmp_path / "model.json")
+    with pytest.raises(CCELLAError, match="linked.safetensors.*outside the model folder"):
+        model_hash(model_dir)
+    (model_dir / "linked.safetensors").unlink()
+    (tmp_path / "model.json").rename(model_dir / "model.json")
+
+    # Legit: a file in a subfolder, and a symlink that stays inside the folder, still load (same hash: names kept).
+    (model_dir / "weights").mkdir()
+    (model_dir / "head.safetensors").rename(model_dir / "weights" / "head.safetensors")
+    name_head("weights/head.safetensors")
+    assert model_hash(model_dir) == meta["model_hash"]
+    built = _build_from(model_dir)
+    _, _, states = load_model_dir(model_dir, built)
+    assert torch.equal(built["head"].weight, comps["head"].weight) and set(states) == {"autoencoder", "head"}
+    (model_dir / "head.safetensors").symlink_to(Path("weights") / "head.safetensors")
+    name_head("./head.safetensors")
+    assert load_model_dir(model_dir)[2]["head"]["weight"].shape == (2, 4)
+    assert model_hash(model_dir) == meta["model_hash"]
+
+
 def test_malicious_pickle_in_model_dir_is_not_run(tmp_path):
     model_dir = tmp_path / "model"
     _save(model_dir)
