@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import re
 
 import nibabel as nib
 import numpy as np
@@ -170,3 +171,36 @@ def test_read_metadata_reads_the_header_only(tmp_path):
     assert read_metadata(write_volume(vol, tmp_path / "h.nii.gz"))[SYNTHETIC_KEY] == "true"
     with pytest.raises(VolumeError, match="not found"):
         read_metadata(tmp_path / "none.nrrd")
+
+
+@pytest.mark.parametrize("name, compress", [("t.mha", True), ("t.mha", False), ("t.nii.gz", True), ("t.nii", False)])
+def test_truncated_file_is_named_with_the_bytes_it_lacks(tmp_path, name, compress):
+    from CCELLACore.data.volume import read_header
+
+    volume = _oblique_volume()  # 9 x 7 x 5 float32: 1260 bytes of voxels
+    path = write_volume(volume, tmp_path / name, compress=compress)
+    whole = path.read_bytes()
+    assert np.array_equal(read_volume(path).array, volume.array)  # the intact file reads
+    path.write_bytes(whole[: len(whole) * 2 // 3])
+    for read in (read_header, read_volume):  # the header check alone already tells (no voxels decoded)
+        with pytest.raises(VolumeError) as err:
+            read(path)
+        message = str(err.value)
+        match = re.search(r"truncated: expected (\d+) bytes of voxel data, found (\d+)", message)
+        assert match and str(path) in message and "unreadable image" in message, message
+        assert int(match.group(2)) < int(match.group(1))
+        if not (name.endswith("mha") and compress):  # compressed MHA: the sizes are CompressedDataSize's
+            assert int(match.group(1)) == 1260
+        assert "No such file or directory" not in message
+    # Cut inside the header; and, for .nii.gz, only the gzip trailer (every voxel decodes, the checksum is lost).
+    path.write_bytes(whole[:120])
+    with pytest.raises(VolumeError, match=r"unreadable image"):
+        read_volume(path)
+    if name.endswith(".gz"):
+        path.write_bytes(whole[:-6])
+        with pytest.raises(VolumeError, match=r"truncated: the gzip stream ends early"):
+            read_volume(path)
+        # A second gzip member or zero padding after the stream is not a truncation.
+        raw = gzip.decompress(whole)
+        path.write_bytes(gzip.compress(raw[:700]) + gzip.compress(raw[700:]) + b"\0" * 8)
+        assert np.array_equal(read_volume(path).array, volume.array)
