@@ -14,7 +14,6 @@ exactly), ``<out>/metrics.csv`` and the model directory ``<out>/model`` (best va
 from __future__ import annotations
 
 import argparse
-import os
 from pathlib import Path
 
 from ..cli import positive_int
@@ -44,6 +43,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..training.distributed import print_run_end
     from .config import load_classifier_config
     from .train import train_classifier
 
@@ -52,9 +52,5 @@ def run(args: argparse.Namespace) -> int:
                                  sequences=args.sequences, val_manifest=args.val_manifest, cache_dir=args.cache,
                                  epochs=args.epochs, stop_after_epoch=args.stop_after_epoch, device=args.device,
                                  name=args.name, progress=not args.no_progress)
-    if int(os.environ.get("RANK", "0")) == 0:
-        if (model_dir / "model.json").is_file():
-            print(f"model: {model_dir}; metrics: {Path(args.out) / 'metrics.csv'}")
-        else:
-            print(f"stopped early; checkpoints in {Path(args.out) / 'checkpoints'}: run the same command to continue")
+    print_run_end(model_dir, args.out)
     return 0

@@ -36,14 +36,10 @@ def run(args: argparse.Namespace) -> int:
     from ..settings import load_config
     from .autoencoder import train_autoencoder
 
+    from .distributed import print_run_end
+
     config = load_config(args.config)
     model_dir = train_autoencoder(config, args.manifest, args.out, device=args.device, max_steps=args.max_steps,
                                   stop_after=args.stop_after, progress=not args.no_progress)
-    import os
-
-    if int(os.environ.get("RANK", "0")) == 0:
-        if (model_dir / "model.json").is_file():
-            print(f"model: {model_dir}; metrics: {Path(args.out) / 'metrics.csv'}")
-        else:
-            print(f"stopped early; checkpoints in {Path(args.out) / 'checkpoints'}: run the same command to continue")
+    print_run_end(model_dir, args.out)
     return 0

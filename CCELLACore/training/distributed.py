@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -72,3 +73,14 @@ def init_distributed(device: str = "auto") -> DistributedContext:
 def shard(items: list, ctx: DistributedContext) -> list:
     """This rank's share of ``items`` (every world_size-th item, starting at its rank)."""
     return items[ctx.rank :: ctx.world_size]
+
+
+def print_run_end(model_dir: Path, run_dir: Path) -> None:
+    """The last line of a training job, printed by the main process only: where the model is, or that the run
+    stopped early and how to continue it."""
+    if int(os.environ.get("RANK", "0")) != 0:
+        return
+    if (model_dir / "model.json").is_file():
+        print(f"model: {model_dir}; metrics: {Path(run_dir) / 'metrics.csv'}")
+    else:
+        print(f"stopped early; checkpoints in {Path(run_dir) / 'checkpoints'}: run the same command to continue")
