@@ -64,7 +64,7 @@ def honour_markdown(result: dict[str, Any]) -> str:
     lines += [
         f"| Side of largest detection = side of report's index lesion | {_fmt(summary['side_correct'])} | - |",
         f"| ... of which report PI-RADS >= 4 | {_fmt(summary['side_correct_pirads_4_5'])} | - |",
-        f"| Generated exams showing anatomy (all sequences r >= 0.5 with the mean real exam) | "
+        f"| Generated exams showing anatomy (every sequence r >= 0.5 with one real atlas exam) | "
         f"{_fmt(summary['anatomy'])} | all |",
         f"| Predicted csPCa probability vs report group (PI-RADS >= 4 vs 1-2), AUC | {auc_text(summary['auc_report'])} "
         "| >= 0.97 |",

@@ -18,15 +18,19 @@ NEGATIVE = "MRI prostate. No focal lesion. Benign prostatic hyperplasia. Impress
 
 @pytest.fixture(scope="module")
 def pipe(trained):
-    """The session's tiny model with every all-zero weight (MONAI's zero-initialised output and attention
-    projections, the adapter's AdaLN) redrawn: 6 training steps leave the report's effect near 1e-4 of the output;
-    with live weights every link between report and U-Net carries it at order 1, so a cut link shows."""
+    """The session's tiny model with a freshly initialised LDM whose zero-initialised weights (MONAI's output and
+    attention projections, the adapter's AdaLN) are redrawn: 6 training steps leave the report's effect near 1e-4 of
+    the output; with live weights every link between report and U-Net carries it at order 1, so a cut link shows."""
+    from CCELLACore.models.ldm import CCELLALDM
+
     pipe = CCELLAPipeline.from_pretrained(trained, device="cpu", dtype=torch.float32)
-    g = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)
+    live = CCELLALDM(pipe.config.ldm).eval()
     with torch.no_grad():
-        for p in pipe.ldm.parameters():
-            if p.ndim > 1 and not p.any():
-                p.copy_(0.1 * torch.randn(p.shape, generator=g))
+        for p in live.parameters():
+            if not p.any():
+                p.copy_(0.1 * torch.randn(p.shape))
+    pipe.ldm = live
     return pipe
 
 

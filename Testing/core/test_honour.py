@@ -98,7 +98,7 @@ def test_honour_script_on_a_tiny_model(tiny_model, tmp_path):
     assert [g["gate"] for g in gates] == [0, 1, 2, 3]
     assert gates[0]["checks"][0]["met"] == (summary["anatomy"]["k"] == 4)
     assert set(validity["summary"]) == {"model_atlas", "model_own", "physical_atlas", "physical_own",
-                                        "autoencoder_atlas", "autoencoder_own"}
+                                        "autoencoder_atlas", "autoencoder_own", "anatomy"}
 
     markdown = (out / "honour.md").read_text(encoding="utf-8")
     assert "| Measure | Result | Target |" in markdown

@@ -29,15 +29,21 @@ def test_paper_config_has_the_paper_numbers():
     assert replace(cfg, text_encoder=CCELLAConfig().text_encoder) == CCELLAConfig()
 
 
-def test_tiny_and_demo_grids_keep_the_paper_field_of_view():
+def test_tiny_grid_keeps_the_paper_field_of_view_and_demo_the_lesion_size():
     tiny, demo = load_config("tiny").preprocess, load_config("demo").preprocess
     assert tiny.ldm.grid == GridConfig((32, 32, 16), (4.0, 4.0, 4.0))
     assert tiny.classifier.grid == GridConfig((32, 32, 8), (4.0, 4.0, 12.0)) and not tiny.classifier.normalize
-    assert demo.ldm.grid == GridConfig((64, 64, 32), (2.0, 2.0, 2.0))
     paper = load_config("paper").preprocess
     for section in (tiny, demo):
-        assert section.ldm.grid.field_of_view == paper.ldm.grid.field_of_view == (128.0, 128.0, 64.0)
         assert section.classifier.grid.field_of_view == paper.classifier.grid.field_of_view
+    assert tiny.ldm.grid.field_of_view == paper.ldm.grid.field_of_view == (128.0, 128.0, 64.0)
+    # The demo keeps a 10 mm lesion at >= 2.5 latent voxels in-plane (docs/design.md), on a gland-centred grid
+    # rendered from finer phantoms.
+    demo_cfg = load_config("demo")
+    assert demo.ldm.grid == GridConfig((64, 64, 32), (1.0, 1.0, 1.5)) and demo.ldm.center == "gland"
+    factor = demo_cfg.autoencoder.downsample_factor
+    assert min(10.0 / (s * factor) for s in demo.ldm.grid.spacing[:2]) >= 2.5
+    assert max(demo_cfg.phantoms.spacing) <= min(demo.ldm.grid.spacing)
 
 
 @pytest.mark.parametrize("name", ["paper", "tiny", "demo"])
