@@ -186,8 +186,26 @@ def test_embedded_demo_model_loads_and_generates():
     from CCELLACore.pipelines.generate_cli import DEMO_MODEL_DIR
 
     pipe = CCELLAPipeline.from_pretrained(DEMO_MODEL_DIR, device="cpu", dtype=torch.float32)
-    assert pipe.config.sampling.sampler == "ddpm" and pipe.text_encoder.feature_dim == 384
+    assert pipe.config.sampling.sampler == "rflow" and pipe.text_encoder.feature_dim == 384
     out = pipe("PI-RADS 4 lesion, right apex, 9 mm.", seed=0, steps=2)
-    assert out.exam.volumes["AxT2"].shape == (64, 64, 32) and out.settings["sampler"] == "ddpm"
+    assert out.exam.volumes["AxT2"].shape == (64, 64, 32) and out.settings["sampler"] == "rflow"
     sizes = sum(p.stat().st_size for p in DEMO_MODEL_DIR.iterdir())
     assert sizes <= 25_000_000  # the repository's budget for the demo model (25 MB)
+
+
+def test_embedded_demo_model_smoke_honours_reports():
+    """CI's small smoke test of the shipped model's faithfulness (the card's figures come from ``ccella honour``):
+    with its own sampling defaults, exams from a PI-RADS 5 and a PI-RADS 1 report both show anatomy (gate 0's check
+    against 8 real atlas exams), and the adapter gives the PI-RADS 5 report the higher csPCa probability."""
+    from CCELLACore.metrics.honour import HonourSettings, anatomy, grid_reference, model_settings
+    from CCELLACore.pipelines.generate_cli import DEMO_MODEL_DIR
+
+    pipe = CCELLAPipeline.from_pretrained(DEMO_MODEL_DIR, device="cpu", dtype=torch.float32)
+    settings = model_settings(pipe, HonourSettings(atlas_n=8))
+    _, references = grid_reference(pipe.config.preprocess.ldm, settings)
+    positive = pipe("Findings: 16 mm lesion in the left peripheral zone at the mid gland, markedly hypointense on ADC "
+                    "and bright on high b-value DWI. Impression: PI-RADS 5.", seed=0)
+    negative = pipe("Findings: no focal lesion. Mild benign prostatic hyperplasia. Impression: PI-RADS 1.", seed=0)
+    for out in (positive, negative):
+        assert anatomy(out.exam, references)["anatomy"], anatomy(out.exam, references)["anatomy_r"]
+    assert positive.class_probability > 0.5 > negative.class_probability
