@@ -37,7 +37,7 @@ __all__ = [
     "CSPCA_PROBABILITY",
 ]
 
-#: P(csPCa | case PI-RADS), from the literature quoted in prostate-mri-facts.md.
+#: P(csPCa | case PI-RADS), from published PI-RADS v2.1 cancer-detection rates.
 CSPCA_PROBABILITY: dict[int, float] = {1: 0.03, 2: 0.05, 3: 0.15, 4: 0.5, 5: 0.8}
 #: P(case PI-RADS); with CSPCA_PROBABILITY and ~75% histopathology, ~33% of cases are labelled positive.
 _PIRADS_PRIOR = {1: 0.12, 2: 0.25, 3: 0.20, 4: 0.25, 5: 0.18}

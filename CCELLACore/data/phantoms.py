@@ -15,7 +15,7 @@ domain-adaptation study use these phantoms. Each case is drawn in two steps:
 World frame (LPS, mm): +x = patient left, +y = posterior, +z = superior. The gland axes are aligned with the world;
 institution 2 tilts its acquisition grid by a few degrees (an oblique axial), so geometry handling is exercised.
 
-Appearance follows prostate-mri-facts.md: AxT2 PZ bright, TZ intermediate/heterogeneous, lesions dark; HighB
+Appearance follows the usual bpMRI description: AxT2 PZ bright, TZ intermediate/heterogeneous, lesions dark; HighB
 suppresses normal tissue and shows lesions bright; ADC in 10^-6 mm^2/s (PZ ~1600, TZ ~1200, lesions 600-950, lower
 for higher PI-RADS/ISUP, bladder ~2900, 0 in air). Intensity gains per institution reproduce the paper's Table 2
 statistics (means over the whole volume, air included).

@@ -1,7 +1,7 @@
 """A fixed, rule-based lesion detector for judging whether a generated exam honours its report.
 
 A lesion is a connected region inside the gland that shows restricted diffusion: bright on HighB and low on ADC
-against the gland, above a minimum volume (prostate-mri-facts.md: "a lesion is bright on high-b and dark on ADC at the
+against the gland, above a minimum volume (the PI-RADS reading rule: "a lesion is bright on high-b and dark on ADC at the
 same place"; bright HighB without low ADC is T2 shine-through, not restriction).
 
 The thresholds below were written down on 2026-11-23, BEFORE looking at any generated output, from the appearance
