@@ -26,7 +26,7 @@ from .models.autoencoder import AutoencoderConfig
 from .models.ldm import LDMConfig
 from .models.losses import LossConfig
 from .models.text_encoder import TextEncoderConfig
-from .pipelines.generation import SamplingConfig
+from .sampling.config import SamplingConfig
 from .sampling.objectives import NoiseScheduleConfig
 from .training.autoencoder import AutoencoderTrainingConfig
 from .training.ldm import LDMTrainingConfig

@@ -40,7 +40,7 @@ from ..errors import CCELLAError, DataError
 from ..training.checkpoint import TrainingState, config_hash, find_checkpoint, load_checkpoint, save_checkpoint
 from ..training.distributed import DistributedContext, init_distributed
 from ..training.logs import MetricsLogger
-from ..training.precision import autocast_context, describe_device, training_dtype
+from ..precision import autocast_context, describe_device, training_dtype
 from ..training.schedule import polynomial_lr, set_lr
 from .config import ClassifierConfig, resolve_preprocess
 from .data import PreparedCase, augment, batch_indices, build_augmentation, prepare_studies, sample_seed, \

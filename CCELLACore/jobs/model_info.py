@@ -106,7 +106,7 @@ def read_model_info(directory: str | Path) -> ModelInfo:
     default_sampler = sampling.get("sampler")
     if importlib.util.find_spec("torch") is not None:
         # The sampler table lives with the samplers (it imports torch); never a copy of it here.
-        from ..pipelines.generation import DEFAULT_SAMPLER
+        from ..sampling.config import DEFAULT_SAMPLER
         from ..sampling.samplers import SUPPORTED_SAMPLERS
 
         if objective not in SUPPORTED_SAMPLERS:

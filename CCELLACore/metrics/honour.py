@@ -418,7 +418,7 @@ def evaluate_honour(pipe: Any, settings: HonourSettings = HonourSettings(), *, p
     """
     from tqdm.auto import tqdm
 
-    from ..training.precision import describe_device
+    from ..precision import describe_device
 
     started = time.perf_counter()
     settings = model_settings(pipe, settings)

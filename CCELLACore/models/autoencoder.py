@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from ..errors import CCELLAError
-from ..training.precision import autocast_context, choose_dtype
+from ..precision import autocast_context, choose_dtype
 from .serialization import check_state_dict, load_state_dict_file
 
 __all__ = [
@@ -183,7 +183,7 @@ class SequenceAutoencoder:
     Args:
         model: the autoencoder (from :func:`build_autoencoder`); put in eval mode.
         device: where to compute; inputs are moved there.
-        dtype: compute dtype; None = :func:`~CCELLACore.training.precision.choose_dtype` (bf16 autocast only
+        dtype: compute dtype; None = :func:`~CCELLACore.precision.choose_dtype` (bf16 autocast only
             where the hardware has native bf16, else fp32). Outputs are always float32.
 
     Example:

@@ -21,40 +21,23 @@ from ..data.preprocess import denormalize_array
 from ..data.study import Exam
 from ..data.volume import SYNTHETIC_KEY, make_grid
 from ..errors import CCELLAError, ConfigError
+from ..models.autoencoder import build_autoencoder
+from ..models.ldm import CCELLALDM
+from ..models.serialization import load_model_dir, read_model_config
+from ..models.text_encoder import TextEncoder
+from ..precision import autocast_context, choose_dtype, describe_device
 from ..reports import ReportError, check_report, is_empty_report
+from ..sampling.config import DEFAULT_SAMPLER, SamplingConfig
 from ..sampling.guidance import guided_prediction
 from ..sampling.samplers import SUPPORTED_SAMPLERS, make_sampler
-from ..training.precision import autocast_context, choose_dtype, describe_device
+from ..settings import CCELLAConfig
 
-__all__ = ["CCELLAPipeline", "GenerationOutput", "SamplingConfig", "MODEL_HASH_KEY", "DEFAULT_SAMPLER"]
+__all__ = ["CCELLAPipeline", "GenerationOutput", "MODEL_HASH_KEY"]
 
 logger = logging.getLogger("CCELLACore")
 
 #: Metadata key carrying the generating model's hash in every synthetic volume (Slicer shows it on the node).
 MODEL_HASH_KEY = "CCELLA_model_sha256"
-#: Sampler per objective when neither the call nor the model's ``sampling`` config names one.
-DEFAULT_SAMPLER = {"epsilon": "dpm-solver++", "velocity": "rflow"}
-
-
-@dataclass(frozen=True)
-class SamplingConfig:
-    """A model's default generation settings (``sampling:`` in its config; each can be overridden per call).
-
-    Attributes:
-        sampler: ``None`` = DPM-Solver++ for noise-trained models, rectified flow for velocity-trained ones.
-        steps: model evaluations.
-        guidance: classifier-free guidance scale (1 = none).
-    """
-
-    sampler: str | None = None
-    steps: int = 20
-    guidance: float = 1.0
-
-    def __post_init__(self) -> None:
-        if self.steps < 1 or self.guidance < 0:
-            raise ValueError(f"sampling.steps must be >= 1 and guidance >= 0, got {self.steps}, {self.guidance}")
-
-
 @dataclass
 class GenerationOutput:
     """A generated exam.
@@ -109,11 +92,6 @@ class CCELLAPipeline:
             CCELLAError: missing directory or files, a config that does not match the weights (names the component
                 and key), or a text encoder that cannot be found locally.
         """
-        from ..models.ldm import CCELLALDM
-        from ..models.autoencoder import build_autoencoder
-        from ..models.serialization import load_model_dir, read_model_config
-        from ..models.text_encoder import TextEncoder
-        from ..settings import CCELLAConfig
 
         directory = Path(directory)
         raw = read_model_config(directory)

@@ -40,7 +40,7 @@ from .distributed import DistributedContext, init_distributed
 from .ema import EMA
 from .logs import MetricsLogger
 from .schedule import polynomial_lr, set_lr
-from .precision import autocast_context, describe_device, training_dtype
+from ..precision import autocast_context, describe_device, training_dtype
 
 __all__ = [
     "AutoencoderTrainingConfig",

@@ -38,7 +38,7 @@ from .distributed import DistributedContext, init_distributed
 from .ema import EMA
 from .latents import LatentData, encode_latents, load_latent_data, reference_intensities
 from .logs import MetricsLogger
-from .precision import autocast_context, describe_device, training_dtype
+from ..precision import autocast_context, describe_device, training_dtype
 from .schedule import polynomial_lr, set_lr
 
 __all__ = ["LDMTrainingConfig", "train_ldm", "latent_batch"]

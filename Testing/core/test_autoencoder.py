@@ -18,7 +18,7 @@ from CCELLACore.models.autoencoder import (
     build_autoencoder,
     load_autoencoder_weights,
 )
-from CCELLACore.training.precision import autocast_context, choose_dtype, cpu_has_native_bf16, describe_device
+from CCELLACore.precision import autocast_context, choose_dtype, cpu_has_native_bf16, describe_device
 
 TINY = AutoencoderConfig(num_channels=(8, 8, 8), num_res_blocks=(1, 1, 1), norm_num_groups=4, num_splits=1)
 

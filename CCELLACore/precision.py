@@ -1,6 +1,6 @@
 """Numeric precision per device: which dtype to compute in, a matching autocast context, and a device description.
 
-bf16 halves the work of the 3D convolutions that dominate CCELLA++ (ml-facts "FLOP budget"), but only where the
+bf16 halves the work of the 3D convolutions that dominate CCELLA++ (BENCHMARKS.md), but only where the
 hardware has native bf16: CUDA GPUs from Ampere on, and CPUs with AVX512_BF16 or AMX (e.g. AMD Zen 4, Intel Sapphire
 Rapids). On AVX2-only CPUs PyTorch emulates bf16 and autocast runs 60-400x slower than fp32, so those get fp32.
 """
