@@ -17,7 +17,7 @@ python - "$work" <<'PY'
 import json, sys
 from pathlib import Path
 from CCELLACore.classifier.model import export_half
-from CCELLACore.training.precision import cpu_model_name
+from CCELLACore.precision import cpu_model_name
 work = Path(sys.argv[1])
 card = (work / "run" / "model" / "README.md").read_text(encoding="utf-8")
 rows = []
