@@ -15,10 +15,15 @@ Example:
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
+
+import yaml
 
 from .config import builtin_config_path, from_dict, load_yaml
+from .errors import ConfigError
 from .data.phantoms_cli import PhantomGridConfig
 from .data.preprocess import GridConfig, PreprocessConfig
 from .data.study import SEQUENCES
@@ -83,11 +88,39 @@ class CCELLAConfig:
                                  f"{self.autoencoder.latent_channels} latent channels), got {value}")
 
 
-def load_config(name_or_path: str | Path = "paper") -> CCELLAConfig:
+def load_config(name_or_path: str | Path = "paper", overrides: Sequence[str] = ()) -> CCELLAConfig:
     """Load a shipped config (``"paper"``, ``"tiny"``, ``"demo"``) or a YAML file into :class:`CCELLAConfig`.
 
+    Args:
+        overrides: ``"dotted.key=value"`` items (``--set`` on the command line) applied before validation; the value
+            is read as YAML (``3``, ``2.0e-4``, ``[1, 2]``, ``true``).
+
     Raises:
-        ConfigError: file not found, invalid YAML, unknown key or wrong type (names the dotted key and the file).
+        ConfigError: file not found, invalid YAML, unknown key or wrong type (names the dotted key and the file),
+            an override without ``=``.
     """
     path = builtin_config_path(name_or_path)
-    return from_dict(CCELLAConfig, load_yaml(path), file=path)
+    data = load_yaml(path)
+    for item in overrides:
+        apply_override(data, item, path)
+    return from_dict(CCELLAConfig, data, file=path)
+
+
+def apply_override(data: dict[str, Any], item: str, path: str | Path | None = None) -> None:
+    """Set ``data[a][b][c] = value`` for ``item = "a.b.c=value"`` (value parsed as YAML), creating sections."""
+    key, sep, text = item.partition("=")
+    key = key.strip()
+    if not sep or not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"override {item!r} must look like section.key=value", file=path)
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError:
+        raise ConfigError(f"override {key}: value {text!r} is not valid YAML", key=key, file=path) from None
+    *sections, leaf = key.split(".")
+    node = data
+    for i, part in enumerate(sections):
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {key}: {'.'.join(sections[:i + 1])} is not a section", key=key, file=path)
+        node = child
+    node[leaf] = value

@@ -11,8 +11,14 @@ ccella phantoms --config demo --institution 1 --n 1000 --seed 0 --out "$work/pha
 ccella preprocess --manifest "$work/phantoms/manifest.csv" --config demo --target ldm --out "$work/prep" --workers 2
 # The shipped autoencoder: 1000 steps (the config's 1600 re-spread to 1000 after step 400, to fit the session).
 ccella train-autoencoder --config demo --manifest "$work/prep/manifest.csv" --out "$work/ae_run" --max-steps 1000
-ccella train-ldm --config demo --manifest "$work/prep/manifest.csv" --autoencoder "$work/ae_run/model" --out "$work/ldm_run"
+# Stage 1: 9000 steps without the U-Net's coordinate maps (anatomy, lesions, the report's class).
+ccella train-ldm --config demo --set ldm.unet.coordinate_channels=0 --manifest "$work/prep/manifest.csv" \
+  --autoencoder "$work/ae_run/model" --out "$work/ldm_run"
+# Stage 2: the coordinate maps added (their weights start at zero), fine-tuned so the report's side is honoured.
+ccella train-ldm --config demo --init "$work/ldm_run/model" --max-steps STAGE2_STEPS --set train_ldm.lr=2e-4 \
+  --set train_ldm.warmup_steps=100 --manifest "$work/prep/manifest.csv" --autoencoder "$work/ae_run/model" \
+  --out "$work/ldm_run2"
 # Figures on 50 reports of phantom seed 1000 (never used in training or tuning); the detector is validated on seed
 # 3000. Sampler, steps, guidance and the phantom grid come from the model folder.
-ccella honour --model "$work/ldm_run/model" --n 50 --seed 1000 --out "$work/honour" --update-card
-rm -rf CCELLACore/demo_model && cp -r "$work/ldm_run/model" CCELLACore/demo_model
+ccella honour --model "$work/ldm_run2/model" --n 50 --seed 1000 --out "$work/honour" --update-card
+rm -rf CCELLACore/demo_model && cp -r "$work/ldm_run2/model" CCELLACore/demo_model

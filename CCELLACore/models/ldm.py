@@ -21,7 +21,10 @@ from .adapter import AdapterConfig, CCELLAAdapter
 from .text_encoder import pad_tokens
 from .unet import CCELLAUNet, UNetConfig
 
-__all__ = ["LDMConfig", "LDMOutput", "CCELLALDM", "ConditionDropout", "condition_dropout"]
+__all__ = ["LDMConfig", "LDMOutput", "CCELLALDM", "ConditionDropout", "condition_dropout", "load_grown_state"]
+
+#: The U-Net input convolution: the one tensor allowed to grow when a model starts from a smaller one.
+_INPUT_CONV = "unet.conv_in.conv.weight"
 
 
 @dataclass(frozen=True)
@@ -155,3 +158,29 @@ def condition_dropout(
     features = torch.where(dropped[:, None, None], null_f.expand(batch, -1, -1), features)
     mask = torch.where(dropped[:, None], null_m.expand(batch, -1), mask)
     return ConditionDropout(features, mask, dropped)
+
+
+def load_grown_state(model: CCELLALDM, state: dict[str, torch.Tensor], source: str) -> list[str]:
+    """Load ``state`` (another CCELLA LDM's weights) into ``model``, which may take MORE input channels (coordinate
+    maps, :class:`~CCELLACore.models.unet.UNetConfig` ``coordinate_channels``): the input convolution's new channels
+    start at zero, so the grown model computes exactly what ``state``'s model computed and training learns to use
+    the new inputs. Every other tensor must match. Returns the names of the grown tensors.
+
+    Raises:
+        CCELLAError: any other missing, unexpected or mismatched key (names ``source`` and the keys).
+    """
+    from .serialization import check_state_dict
+
+    expected = model.state_dict()
+    state = dict(state)
+    grown = []
+    old, new = state.get(_INPUT_CONV), expected.get(_INPUT_CONV)
+    if old is not None and new is not None and old.shape != new.shape:
+        if old.shape[0] == new.shape[0] and old.shape[2:] == new.shape[2:] and old.shape[1] < new.shape[1]:
+            padded = torch.zeros_like(new)
+            padded[:, : old.shape[1]] = old
+            state[_INPUT_CONV] = padded
+            grown.append(_INPUT_CONV)
+    check_state_dict(state, model, source=source, component="ldm")
+    model.load_state_dict(state)
+    return grown

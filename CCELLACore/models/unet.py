@@ -31,7 +31,7 @@ from monai.apps.generation.maisi.networks.diffusion_model_unet_maisi import Diff
 from monai.networks.blocks.crossattention import CrossAttentionBlock
 from monai.networks.blocks.selfattention import SABlock
 
-__all__ = ["UNetConfig", "CCELLAUNet", "map_reference_unet_keys"]
+__all__ = ["UNetConfig", "CCELLAUNet", "coordinate_maps", "map_reference_unet_keys"]
 
 
 @dataclass(frozen=True)
@@ -57,6 +57,11 @@ class UNetConfig:
             ``softmax * 100`` (a side effect of its x100 conditioning transform); 100 keeps the authors' input
             range (and their weights usable) and puts it on the same scale as the spacing input (~50-300).
         spacing_input_scale: spacing in mm is multiplied by this before ``spacing_layer`` (reference and MAISI: 100).
+        coordinate_channels: 0 (paper) or 3: fixed x, y, z coordinate maps in [-1, 1] appended to the input
+            ("CoordConv"). Convolutions and MONAI's attention carry no position: at high noise, where the layout
+            of the exam is decided, the input holds no anatomy, so without them the U-Net can place the report's
+            left-sided lesion on the left only through the zero padding at the volume's edge (the demo model
+            trained without them drew lesions on a random side).
     """
 
     in_channels: int = 12
@@ -77,6 +82,7 @@ class UNetConfig:
     num_classes: int = 2
     class_input_scale: float = 100.0
     spacing_input_scale: float = 100.0
+    coordinate_channels: int = 0
 
     def __post_init__(self) -> None:
         levels = len(self.num_channels)
@@ -99,6 +105,8 @@ class UNetConfig:
                 raise ValueError(f"unet {name} must be >= 1, got {getattr(self, name)}")
         if self.num_classes < 2:
             raise ValueError(f"unet num_classes must be >= 2, got {self.num_classes}")
+        if self.coordinate_channels not in (0, 3):
+            raise ValueError(f"unet coordinate_channels must be 0 or 3, got {self.coordinate_channels}")
 
     @property
     def downsampling_factor(self) -> int:
@@ -127,7 +135,7 @@ class CCELLAUNet(DiffusionModelUNetMaisi):
         # 4-d region layer is then replaced by the class layer, which takes the region's place in the concatenation.
         super().__init__(
             spatial_dims=3,
-            in_channels=config.in_channels,
+            in_channels=config.in_channels + config.coordinate_channels,
             out_channels=config.out_channels,
             num_res_blocks=config.num_res_blocks,
             num_channels=config.num_channels,
@@ -200,11 +208,20 @@ class CCELLAUNet(DiffusionModelUNetMaisi):
         spacing_emb = self.spacing_layer((spacing * cfg.spacing_input_scale).to(emb.dtype))
         emb = torch.cat((emb, class_emb, spacing_emb), dim=1)  # reference order: time, class, spacing
 
+        if cfg.coordinate_channels:
+            x = torch.cat((x, coordinate_maps(x)), dim=1)
         h = self.conv_in(x)
         h, skips = self._apply_down_blocks(h, emb, context, None)
         h = self.middle_block(h, emb, context)
         h = self._apply_up_blocks(h, emb, context, skips)
         return self.out(h)
+
+
+def coordinate_maps(x: torch.Tensor) -> torch.Tensor:
+    """(B, C, X, Y, Z) -> (B, 3, X, Y, Z): each voxel's x, y and z index scaled to [-1, 1] (voxel centres)."""
+    axes = [torch.linspace(-1.0, 1.0, n, device=x.device, dtype=x.dtype) for n in x.shape[2:]]
+    grid = torch.stack(torch.meshgrid(*axes, indexing="ij"))
+    return grid.unsqueeze(0).expand(x.shape[0], -1, -1, -1, -1)
 
 
 def map_reference_unet_keys(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:

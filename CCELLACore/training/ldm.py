@@ -207,6 +207,7 @@ def train_ldm(
     stop_after: int | None = None,
     progress: bool = True,
     model_card: str = "",
+    init: str | Path | None = None,
 ) -> Path | None:
     """Train (or resume) a CCELLA++ diffusion model; returns the model directory ``<out_dir>/model``.
 
@@ -219,6 +220,9 @@ def train_ldm(
         max_steps: overrides ``train_ldm.max_steps``, the total length of the run (it sets the LR schedule).
         stop_after: stop (with a checkpoint) once the run has reached this step, as if killed there; the same call
             without it resumes. For time-boxed sessions on small machines.
+        init: a CCELLA++ model directory whose adapter + U-Net weights and latent scale factors start the run
+            (fine-tuning; the same autoencoder must be given). The U-Net may take more inputs than the initial
+            model's (coordinate maps): those start at zero (:func:`~CCELLACore.models.ldm.load_grown_state`).
 
     Returns:
         The model directory, or None when the run stopped early (``stop_after``).
@@ -288,7 +292,11 @@ def train_ldm(
                           "(the U-Net halves it per level); change the preprocess grid", key="preprocess.ldm.grid.size")
 
     # 3. Model, optimiser, schedule, EMA.
-    model = CCELLALDM(config.ldm).to(dev)
+    model = CCELLALDM(config.ldm)
+    init_hash, init_factors = None, None
+    if init is not None:
+        init_hash, init_factors = _initialise(model, init, autoencoder_dir, sequences, ctx.is_main)
+    model = model.to(dev)
     objective = TrainingObjective.from_config(config.diffusion)
     steps_per_epoch = max(1, math.ceil(len(train) / (cfg.batch_size * ctx.world_size)))
     total_steps = cfg.max_steps or cfg.epochs * steps_per_epoch
@@ -298,7 +306,7 @@ def train_ldm(
     noise_gen = torch.Generator().manual_seed(cfg.seed * 7919 + 1)
     state = TrainingState(
         models={"ldm": model}, optimizers={"adamw": optimizer}, emas={"ldm": ema},
-        generators={"noise": noise_gen}, config_hash=config_hash(_resume_relevant(config, cfg)),
+        generators={"noise": noise_gen}, config_hash=config_hash({**_resume_relevant(config, cfg), "init": init_hash}),
     )
 
     # 4. Resume, or compute the scale factors over the whole training set.
@@ -307,6 +315,8 @@ def train_ldm(
         load_checkpoint(ckpt_dir, state)
         if ctx.is_main:
             logger.info("resumed from %s at step %d", ckpt_dir, state.step)
+    if state.scale_factors is None and init_factors is not None:
+        state.scale_factors = init_factors  # the latent space the initial weights learned
     if state.scale_factors is None:
         stats = LatentStats(sequences, group)
         stats.update(train.latents)
@@ -371,12 +381,31 @@ def train_ldm(
             spacing=tuple(float(s) for s in train.spacing.median(0).values.tolist()),
             text_encoder=config.text_encoder.name_or_path,
             extra={"steps": state.step, "train_exams": len(train), "autoencoder_hash": model_hash(autoencoder_dir),
-                   "max_tokens": max_tokens},
+                   "max_tokens": max_tokens, "initialised_from": init_hash},
         )
         save_model_dir(model_dir, {"ldm": sampling_model, "autoencoder": autoencoder_model}, config, metadata,
                        model_card or _default_card(config, metadata, len(train)))
     ctx.barrier()
     return model_dir
+
+
+def _initialise(model: CCELLALDM, init: str | Path, autoencoder_dir: str | Path, sequences, verbose: bool):
+    """Start ``model`` from the LDM weights of model directory ``init``; returns (its hash, its scale factors)."""
+    from ..models.ldm import load_grown_state
+    from ..models.serialization import load_model_dir, model_hash
+
+    _, meta, states = load_model_dir(init)
+    if "ldm" not in states:
+        raise ConfigError(f"{init}: not a CCELLA++ diffusion model (no 'ldm' component)", key="--init")
+    if meta.get("extra", {}).get("autoencoder_hash") not in (None, model_hash(autoencoder_dir)):
+        raise ConfigError(f"{init} was trained on the latents of another autoencoder than {autoencoder_dir}",
+                          key="--init")
+    grown = load_grown_state(model, states["ldm"], str(init))
+    if verbose:
+        logger.info("initialised from %s%s", init, f" (zero-initialised new inputs of {', '.join(grown)})"
+                    if grown else "")
+    factors = meta.get("latent_scale_factors")
+    return model_hash(init), ({s: float(factors[s]) for s in sequences} if factors else None)
 
 
 def _resume_relevant(config, cfg: LDMTrainingConfig):

@@ -17,6 +17,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="total optimiser steps of the run (overrides the config; sets the LR schedule)")
     parser.add_argument("--stop-after", type=int, default=None,
                         help="stop with a checkpoint at this step; the same command without it resumes")
+    parser.add_argument("--init", type=Path, default=None,
+                        help="model directory to start from (fine-tuning; its U-Net may take fewer inputs)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config key, e.g. --set train_ldm.lr=2e-4 (repeatable)")
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -25,8 +29,9 @@ def run(args: argparse.Namespace) -> int:
     from ..settings import load_config
     from .ldm import train_ldm
 
-    config = load_config(args.config)
+    config = load_config(args.config, args.set)
     model_dir = train_ldm(config, args.manifest, args.autoencoder, args.out, device=args.device,
-                          max_steps=args.max_steps, stop_after=args.stop_after, progress=not args.no_progress)
+                          max_steps=args.max_steps, stop_after=args.stop_after, progress=not args.no_progress,
+                          init=args.init)
     print(f"model written to {model_dir}" if model_dir else f"stopped; checkpoint in {args.out / 'checkpoints'}")
     return 0
