@@ -60,8 +60,8 @@ class UNetConfig:
         coordinate_channels: 0 (paper) or 3: fixed x, y, z coordinate maps in [-1, 1] appended to the input
             ("CoordConv"). Convolutions and MONAI's attention carry no position: at high noise, where the layout
             of the exam is decided, the input holds no anatomy, so without them the U-Net can place the report's
-            left-sided lesion on the left only through the zero padding at the volume's edge (the demo model
-            trained without them drew lesions on a random side).
+            left-sided lesion on the left only through the zero padding at the volume's edge. Measured on the demo
+            (docs/design.md, "coordinate maps"): a 3000-step fine-tune with them did not yet improve the side.
     """
 
     in_channels: int = 12
