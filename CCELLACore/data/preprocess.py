@@ -263,7 +263,7 @@ def denormalize_array(
     *,
     adc_window: tuple[float, float] = (0.0, 3000.0),
 ) -> np.ndarray:
-    """Units for a generated volume (no per-volume record exists): decisions.md, "Geometry and units".
+    """Units for a generated volume (no per-volume record exists): docs/data.md, "Geometry and units".
 
     Args:
         array: normalised values, any shape, e.g. (X, Y, Z).
