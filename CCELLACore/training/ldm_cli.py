@@ -17,6 +17,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="total optimiser steps of the run (overrides the config; sets the LR schedule)")
     parser.add_argument("--stop-after", type=int, default=None,
                         help="stop with a checkpoint at this step; the same command without it resumes")
+    parser.add_argument("--institution", help="train on this institution's rows of the manifest only")
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -27,6 +28,7 @@ def run(args: argparse.Namespace) -> int:
 
     config = load_config(args.config)
     model_dir = train_ldm(config, args.manifest, args.autoencoder, args.out, device=args.device,
-                          max_steps=args.max_steps, stop_after=args.stop_after, progress=not args.no_progress)
+                          max_steps=args.max_steps, stop_after=args.stop_after, progress=not args.no_progress,
+                          institution=args.institution)
     print(f"model written to {model_dir}" if model_dir else f"stopped; checkpoint in {args.out / 'checkpoints'}")
     return 0
