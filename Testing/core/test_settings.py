@@ -41,6 +41,7 @@ def test_paper_config_deviations_are_written_beside_their_keys():
     for key in ("ema_decay:", "center: gland", "interpolation: linear"):
         assert all("ours" in line for line in lines if line.strip().startswith(key)), key
     files = [core / "configs" / "paper.yaml", core / "data" / "preprocess.py", core / "data" / "preprocess_cli.py",
+             core / "data" / "preprocess_batch.py",
              core / "data" / "study.py", *sorted((core / "data" / "layouts").glob("*.py"))]
     for path in files:
         text = path.read_text(encoding="utf-8")
