@@ -97,6 +97,7 @@ def worker(root: Path, n: int, rank: int, mode: str) -> dict:
         for step in range(steps):
             batch = data.read(latent_batch(data, step, BATCH, WORLD, seed=0)[rank::WORLD])
             checksum += float(batch.latents[:, 0, 0, 0, 0].sum()) + float(batch.text.features[:, 0, 0].sum())
+            del batch  # as in train_ldm, where a step's batch is gone before the next is read
     else:  # the loader before issue 19: everything stacked in fp32, reports padded to max_tokens
         from safetensors.torch import load_file
 

@@ -46,6 +46,8 @@ def test_caches_are_half_precision_on_disk(trained):
 def test_batches_read_the_cached_values(data, trained):
     train, studies = _train_data(data, trained)
     cache = EncodingCache(trained.parent / "cache" / "text")
+    held = sum(t.numel() * t.element_size() for t in vars(train).values() if isinstance(t, torch.Tensor))
+    assert held <= 64 * len(train)  # records only (spacing, labels, flags, token counts): no latents, no features
     batch = train.read([2, 0])
     assert batch.latents.dtype == torch.float32 and batch.latents.shape == (2, *train.latent_shape)
     with safe_open(str(train.latent_files[0]), framework="pt") as f:
