@@ -21,6 +21,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "import": ("CCELLACore.data.importers.cli", "detect a data layout (authors' JSON, PI-CAI, Prostate158) and write a manifest"),
     "preprocess": ("CCELLACore.data.preprocess_cli", "resample, crop/pad around the gland and normalise a manifest's studies"),
     "encode": ("CCELLACore.models.encode_cli", "cache text-encoder embeddings of a manifest's reports"),
+    "import-autoencoder": ("CCELLACore.models.import_cli", "a frozen autoencoder model folder from pretrained weights (NVIDIA's MAISI), no training"),
     "train-autoencoder": ("CCELLACore.training.autoencoder_cli", "train the MAISI-architecture autoencoder on preprocessed exams"),
     "train-ldm": ("CCELLACore.training.ldm_cli", "train the CCELLA adapter + U-Net (one process or torchrun DDP)"),
     "generate": ("CCELLACore.pipelines.generate_cli", "generate synthetic AxT2/HighB/ADC exams from reports"),

@@ -73,6 +73,20 @@ class Manifest:
     def by_case(self) -> dict[str, Study]:
         return {s.case_id: s for s in self.studies}
 
+    def select(self, splits: tuple[str, ...], institution: str | None = None) -> list[Study]:
+        """The studies of ``splits`` (and of ``institution`` when given), in manifest order.
+
+        Raises:
+            DataError: ``institution`` is given but no study of the manifest has it (naming those it has).
+        """
+        if institution is not None:
+            known = sorted({s.institution for s in self.studies})
+            if str(institution) not in known:
+                raise DataError("<none>", f"{self.path}: no study of institution {institution!r}; the manifest "
+                                          f"has {known}")
+        return [s for s in self.studies
+                if s.split in splits and (institution is None or s.institution == str(institution))]
+
 
 def _optional_int(value: str, column: str) -> int | None:
     value = value.strip()

@@ -35,7 +35,7 @@ SPLITS: tuple[str, ...] = ("train", "val", "test", "")
 
 
 class LabelSource(str, enum.Enum):
-    """Where a csPCa label came from (decisions.md, Labels)."""
+    """Where a csPCa label came from (docs/data.md, "Labels")."""
 
     HISTOPATHOLOGY = "histopathology"  # ISUP grade group known: csPCa = ISUP >= 2
     PIRADS = "pirads"  # no histopathology: PI-RADS >= 4 stands in

@@ -35,7 +35,8 @@ from ..fileio import atomic_path, atomic_write_json, read_json
 from ..reports import ReportError, check_report, is_empty_report, report_hash
 from .text_encoder import TextEncoder, TextEncoderConfig, TextEncoding
 
-__all__ = ["add_arguments", "run", "encode_manifest", "EncodingCache", "load_cached_encoding", "NULL_FILE", "INDEX_FILE"]
+__all__ = ["add_arguments", "run", "encode_manifest", "EncodingCache", "load_cached_encoding", "read_tokens", "NULL_FILE",
+           "INDEX_FILE"]
 
 logger = logging.getLogger(__name__)
 
@@ -254,28 +255,40 @@ class EncodingCache:
             )
         return self.cases[case_id]
 
+    def file(self, case_id: str) -> Path:
+        """The file holding ``case_id``'s tokens (the null encoding's for a case without a report)."""
+        entry = self._entry(case_id)
+        return self.directory / (NULL_FILE if entry is None else f"{case_id}.safetensors")
+
     def load(self, case_id: str, max_tokens: int, dtype: torch.dtype = torch.float32) -> TextEncoding:
         """Features (1, max_tokens, D) zero-padded, and mask (1, max_tokens); the null encoding for empty reports."""
-        entry = self._entry(case_id)
-        path = self.directory / (NULL_FILE if entry is None else f"{case_id}.safetensors")
-        return _load_file(path, max_tokens, dtype)
+        return _load_file(self.file(case_id), max_tokens, dtype)
 
     def load_null(self, max_tokens: int, dtype: torch.dtype = torch.float32) -> TextEncoding:
         return _load_file(self.directory / NULL_FILE, max_tokens, dtype)
 
 
-def _load_file(path: Path, max_tokens: int, dtype: torch.dtype) -> TextEncoding:
-    from safetensors.torch import load_file
+def read_tokens(path: str | Path) -> torch.Tensor:
+    """The (n_tokens, D) float16 features of one cache file, read through a memory map (``safe_open``): only this
+    file's bytes are touched, and nothing is padded."""
+    from safetensors import safe_open
 
+    path = Path(path)
     if not path.is_file():
         raise CCELLAError(f"{path}: cached text encoding not found; re-run 'ccella encode'")
     try:
-        tensors = load_file(str(path))
-        features, length = tensors["features"], int(tensors["length"][0])
+        with safe_open(str(path), framework="pt") as f:
+            features, length = f.get_tensor("features"), int(f.get_tensor("length")[0])
     except Exception as exc:  # safetensors raises its own error types
         raise CCELLAError(f"{path}: not a readable text-encoding file ({exc})") from None
     if features.ndim != 2 or features.shape[0] != length:
         raise CCELLAError(f"{path}: features {tuple(features.shape)} do not match length {length}")
+    return features
+
+
+def _load_file(path: Path, max_tokens: int, dtype: torch.dtype) -> TextEncoding:
+    features = read_tokens(path)
+    length = features.shape[0]
     if length > max_tokens:
         raise CCELLAError(
             f"{path}: {length} tokens cached, above max_tokens={max_tokens}; re-run 'ccella encode' with this limit"

@@ -11,7 +11,8 @@ Sharded over GPUs (each rank generates every world_size-th exam; rank 0 merges):
 Exam k of the manifest uses seed ``--seed + k`` whatever the number of processes, so the result does not depend on
 how the work was split. Finished exams (their ``generation.json`` is written last) are skipped when the job runs
 again. The merged ``manifest.csv`` labels each synthetic exam with the class the model predicted from the report
-(label source ``predicted``; the reference's ``PIRADS_synth``). Privacy (decisions.md): synthetic exams are named by
+(label source ``predicted``; the reference's ``PIRADS_synth``). Sampler, steps and guidance default to the model's
+``sampling:`` config, as in ``ccella generate`` and ``ccella honour``. Privacy: synthetic exams are named by
 a hash of the source case, and their records hold hashes of the case and report, not the text or identifiers,
 unless ``--keep-report`` is given.
 """
@@ -23,6 +24,7 @@ import hashlib
 import logging
 from pathlib import Path
 
+from ..cli import positive_int
 from ..data.batch import BatchSummary
 from ..data.manifest import read_manifest, write_manifest
 from ..data.study import LabelSource, Study
@@ -48,9 +50,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, required=True, help="output folder")
     parser.add_argument("--splits", nargs="*", default=None, help="only these splits (default: all)")
     parser.add_argument("--seed", type=int, default=0, help="exam k of the manifest uses seed + k")
-    parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--sampler", default=None)
-    parser.add_argument("--guidance", type=float, default=1.0)
+    parser.add_argument("--steps", type=positive_int, default=None, help="sampling steps (default: the model's)")
+    parser.add_argument("--sampler", default=None, help="sampler (default: the model's)")
+    parser.add_argument("--guidance", type=float, default=None,
+                        help="classifier-free guidance scale (default: the model's)")
     parser.add_argument("--keep-report", action="store_true",
                         help="copy report text into the outputs (default: hashes only)")
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda")

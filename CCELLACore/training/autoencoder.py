@@ -36,7 +36,7 @@ from ..data.manifest import read_manifest
 from ..data.study import SEQUENCES
 from ..errors import ConfigError, DataError
 from .checkpoint import TrainingState, config_hash, find_checkpoint, load_checkpoint, save_checkpoint
-from .distributed import DistributedContext, init_distributed
+from .distributed import DistributedContext, init_distributed, run_record
 from .ema import EMA
 from .logs import MetricsLogger
 from .schedule import polynomial_lr, set_lr
@@ -348,10 +348,11 @@ def _build_discriminator(cfg: AutoencoderTrainingConfig, in_channels: int) -> nn
                               in_channels=in_channels, out_channels=1, norm="INSTANCE")
 
 
-def _resume_relevant(config, cfg: AutoencoderTrainingConfig) -> dict:
+def _resume_relevant(config, cfg: AutoencoderTrainingConfig, institution: str | None = None) -> dict:
     """What a resumed run must share with the run it continues (not max_steps or the logging intervals)."""
-    return {"autoencoder": config.autoencoder,
-            "train": replace(cfg, max_steps=1, log_every=1, validate_every=1, checkpoint_every=1)}
+    relevant = {"autoencoder": config.autoencoder,
+                "train": replace(cfg, max_steps=1, log_every=1, validate_every=1, checkpoint_every=1)}
+    return relevant if institution is None else {**relevant, "institution": str(institution)}
 
 
 def _sum_reduce(ctx: DistributedContext, value: torch.Tensor) -> torch.Tensor:
@@ -371,6 +372,7 @@ def train_autoencoder(
     max_steps: int | None = None,
     stop_after: int | None = None,
     progress: bool = True,
+    institution: str | None = None,
 ) -> Path:
     """Train (or resume) the autoencoder; returns the model directory ``<out_dir>/model``.
 
@@ -385,6 +387,7 @@ def train_autoencoder(
         stop_after: stop after this step with a checkpoint and without writing the model, as a kill would (to train
             a long schedule in pieces); running again continues exactly.
         progress: tqdm bar on rank 0.
+        institution: train (and validate) on this institution's studies only (the manifest's ``institution``).
 
     Returns:
         ``<out_dir>/model`` (written only once training reached ``max_steps``).
@@ -416,8 +419,8 @@ def train_autoencoder(
     for problem in manifest.problems:
         logger.warning("manifest: skipped case %s: %s", problem.case_id, problem.reason)
     sequences = tuple(getattr(config, "sequences", SEQUENCES))
-    train_studies = [s for s in manifest.studies if s.split in cfg.train_splits]
-    val_studies = [s for s in manifest.studies if cfg.val_split and s.split == cfg.val_split]
+    train_studies = manifest.select(cfg.train_splits, institution)
+    val_studies = manifest.select((cfg.val_split,), institution) if cfg.val_split else []
     train, skipped = load_sequence_samples(train_studies, sequences, source=manifest_path)
     val, val_skipped = (load_sequence_samples(val_studies, sequences, grid_size=train.grid_size, source=manifest_path)
                         if train is not None and val_studies else (None, []))
@@ -452,7 +455,7 @@ def train_autoencoder(
     eval_model = build_autoencoder(replace(ae_cfg, weights_path=None), dev).eval() if ema else model
     torch.manual_seed(cfg.seed + 1 + ctx.rank)  # the reparameterisation noise differs per rank
     state = TrainingState(models=models, optimizers=optimizers, emas={"autoencoder": ema} if ema else {},
-                          config_hash=config_hash(_resume_relevant(config, cfg)))
+                          config_hash=config_hash(_resume_relevant(config, cfg, institution)))
     ckpt_dir = out_dir / "checkpoints"
     if find_checkpoint(ckpt_dir) is not None:
         load_checkpoint(ckpt_dir, state)
@@ -562,7 +565,8 @@ def train_autoencoder(
             ema.copy_to(final_model)
         saved_cfg = replace(ae_cfg, weights_path=None)  # the weights live in the directory now
         extra = {"steps": state.step, "train_exams": train.n_exams, "train_samples": len(train),
-                 "val_exams": 0 if val is None else val.n_exams, "ema": bool(ema), **last_val}
+                 "val_exams": 0 if val is None else val.n_exams, "ema": bool(ema),
+                 **run_record(ctx, cfg.batch_size, institution), **last_val}
         if ae_cfg.weights_path is not None:
             extra["initialised_from"] = Path(ae_cfg.weights_path).name
         metadata = ModelMetadata(sequences=sequences, grid_size=train.grid_size, spacing=train.spacing,

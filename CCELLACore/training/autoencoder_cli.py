@@ -28,6 +28,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-steps", type=positive_int, help="optimiser steps (default: the config's)")
     parser.add_argument("--stop-after", type=positive_int,
                         help="stop after this step with a checkpoint (train a long schedule in pieces)")
+    parser.add_argument("--institution", help="train on this institution's rows of the manifest only")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="where to train")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -40,6 +41,7 @@ def run(args: argparse.Namespace) -> int:
 
     config = load_config(args.config)
     model_dir = train_autoencoder(config, args.manifest, args.out, device=args.device, max_steps=args.max_steps,
-                                  stop_after=args.stop_after, progress=not args.no_progress)
+                                  stop_after=args.stop_after, progress=not args.no_progress,
+                                  institution=args.institution)
     print_run_end(model_dir, args.out)
     return 0

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-__all__ = ["DistributedContext", "init_distributed", "shard"]
+__all__ = ["DistributedContext", "init_distributed", "shard", "run_record"]
 
 
 @dataclass(frozen=True)
@@ -73,6 +73,14 @@ def init_distributed(device: str = "auto") -> DistributedContext:
 def shard(items: list, ctx: DistributedContext) -> list:
     """This rank's share of ``items`` (every world_size-th item, starting at its rank)."""
     return items[ctx.rank :: ctx.world_size]
+
+
+def run_record(ctx: DistributedContext, batch_size: int, institution: str | None = None) -> dict:
+    """What a model folder records about the run that trained it (``model.json`` ``extra``): the number of
+    processes, the batch per process and the global batch the learning-rate schedule was counted in, and the
+    institution trained on (``None`` = all of the manifest's)."""
+    return {"world_size": ctx.world_size, "batch_size_per_process": batch_size,
+            "global_batch": batch_size * ctx.world_size, "institution": institution}
 
 
 def print_run_end(model_dir: Path, run_dir: Path) -> None:

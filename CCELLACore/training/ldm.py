@@ -29,14 +29,14 @@ from torch.nn.parallel import DistributedDataParallel
 
 from ..data.manifest import read_manifest
 from ..errors import ConfigError, DataError
-from ..models.autoencoder import LatentStats, SequenceAutoencoder
+from ..models.autoencoder import SequenceAutoencoder
 from ..models.ldm import CCELLALDM, condition_dropout
 from ..models.losses import ccella_loss
 from ..sampling.objectives import TrainingObjective
 from .checkpoint import TrainingState, config_hash, find_checkpoint, load_checkpoint, save_checkpoint
-from .distributed import DistributedContext, init_distributed
+from .distributed import DistributedContext, init_distributed, run_record
 from .ema import EMA
-from .latents import LatentData, encode_latents, load_latent_data, reference_intensities
+from .latents import LatentData, encode_latents, latent_stats, load_latent_data, reference_intensities
 from .logs import MetricsLogger
 from ..precision import autocast_context, describe_device, training_dtype
 from .schedule import polynomial_lr, set_lr
@@ -97,10 +97,6 @@ class LDMTrainingConfig:
             raise ValueError(f"val_split '{self.val_split}' is also a training split")
 
 
-def _split_studies(manifest, splits: tuple[str, ...]):
-    return [s for s in manifest.studies if s.split in splits]
-
-
 def _epoch_order(n: int, epoch: int, seed: int) -> torch.Tensor:
     # A fresh permutation per epoch from (seed, epoch): the data order needs no state to resume.
     g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
@@ -128,16 +124,15 @@ def _scale(latents: torch.Tensor, factors: torch.Tensor, group: int) -> torch.Te
 
 
 def _gather(data: LatentData, index: torch.Tensor, factors: torch.Tensor, group: int, device, lesion_weight: float):
-    lengths = data.text.mask[index].sum(1)
-    length = max(int(lengths.max()), 1)  # trim padding beyond the longest report of the batch
+    batch = data.read(index)  # this rank's exams only, from the on-disk caches
     return (
-        _scale(data.latents[index], factors, group).to(device),
+        _scale(batch.latents, factors, group).to(device),
         data.spacing[index].to(device),
-        data.text.features[index, :length].float().to(device),
-        data.text.mask[index, :length].to(device),
+        batch.text.features.to(device),
+        batch.text.mask.to(device),
         data.labels[index].to(device),
         (data.has_report[index] & data.has_label[index]).to(device),
-        (1.0 + lesion_weight * data.lesion[index]).to(device) if lesion_weight > 0 else None,
+        (1.0 + lesion_weight * batch.lesion).to(device) if lesion_weight > 0 else None,
     )
 
 
@@ -151,7 +146,7 @@ def _step_loss(model, data, global_index, factors, group, objective, cfg, loss_c
     """
     device, world = ctx.device, ctx.world_size
     g = len(global_index)
-    latent_shape = (g, *data.latents.shape[1:])
+    latent_shape = (g, *data.latent_shape)
     noise = torch.randn(latent_shape, generator=generator, device=generator.device)
     t = objective.sample_timesteps(g, generator, device=generator.device, spatial_shape=tuple(latent_shape[2:]))
     dropped = torch.rand(g, generator=generator, device=generator.device) < (cfg.condition_dropout if train else 0.0)
@@ -208,6 +203,7 @@ def train_ldm(
     progress: bool = True,
     model_card: str = "",
     init: str | Path | None = None,
+    institution: str | None = None,
 ) -> Path | None:
     """Train (or resume) a CCELLA++ diffusion model; returns the model directory ``<out_dir>/model``.
 
@@ -223,6 +219,7 @@ def train_ldm(
         init: a CCELLA++ model directory whose adapter + U-Net weights and latent scale factors start the run
             (fine-tuning; the same autoencoder must be given). The U-Net may take more inputs than the initial
             model's (coordinate maps): those start at zero (:func:`~CCELLACore.models.ldm.load_grown_state`).
+        institution: train (and validate) on this institution's studies only (the manifest's ``institution``).
 
     Returns:
         The model directory, or None when the run stopped early (``stop_after``).
@@ -249,10 +246,11 @@ def train_ldm(
     for problem in manifest.problems:
         logger.warning("manifest: skipped case %s: %s", problem.case_id, problem.reason)
     sequences = tuple(config.sequences)
-    train_studies = _split_studies(manifest, cfg.train_splits)
-    val_studies = _split_studies(manifest, (cfg.val_split,)) if cfg.val_split else []
+    train_studies = manifest.select(cfg.train_splits, institution)
+    val_studies = manifest.select((cfg.val_split,), institution) if cfg.val_split else []
     if not train_studies:
-        raise DataError("<none>", f"{manifest_path}: no exam in splits {list(cfg.train_splits)}")
+        raise DataError("<none>", f"{manifest_path}: no exam in splits {list(cfg.train_splits)}"
+                        + (f" of institution {institution}" if institution is not None else ""))
 
     # 1. Reports -> token features (cached; rank 0 writes, the others wait).
     text_dir = out_dir / "cache" / "text"
@@ -267,9 +265,6 @@ def train_ldm(
     max_tokens = cache.max_tokens
     null = cache.load_null(max_tokens)
 
-    def encodings(studies):
-        return {s.case_id: cache.load(s.case_id, max_tokens) for s in studies if not cache.is_null(s.case_id)}
-
     # 2. Exams -> autoencoder latents (cached, shared over ranks).
     autoencoder_model, ae_meta = load_autoencoder_dir(autoencoder_dir, dev)
     autoencoder = SequenceAutoencoder(autoencoder_model, dev)
@@ -280,15 +275,16 @@ def train_ldm(
         logger.warning("skipped case %s: %s", case, reason)
     train_studies = [s for s in train_studies if s.case_id not in bad]
     val_studies = [s for s in val_studies if s.case_id not in bad]
-    train = load_latent_data(train_studies, latent_dir, encodings(train_studies), null)
-    val = load_latent_data(val_studies, latent_dir, encodings(val_studies), null) if val_studies else None
-    group = train.latents.shape[1] // len(sequences)
-    if train.latents.shape[1] != config.ldm.unet.in_channels:
-        raise ConfigError(f"latents have {train.latents.shape[1]} channels ({len(sequences)} sequences x {group}) "
+    train = load_latent_data(train_studies, latent_dir, cache)
+    val = load_latent_data(val_studies, latent_dir, cache) if val_studies else None
+    channels = train.latent_shape[0]
+    group = channels // len(sequences)
+    if channels != config.ldm.unet.in_channels:
+        raise ConfigError(f"latents have {channels} channels ({len(sequences)} sequences x {group}) "
                           f"but the U-Net takes {config.ldm.unet.in_channels}", key="ldm.unet.in_channels")
     side = config.ldm.unet.downsampling_factor
-    if any(s % side for s in train.latents.shape[2:]):
-        raise ConfigError(f"latent size {tuple(train.latents.shape[2:])} must be a multiple of {side} on every axis "
+    if any(s % side for s in train.latent_shape[1:]):
+        raise ConfigError(f"latent size {tuple(train.latent_shape[1:])} must be a multiple of {side} on every axis "
                           "(the U-Net halves it per level); change the preprocess grid", key="preprocess.ldm.grid.size")
 
     # 3. Model, optimiser, schedule, EMA.
@@ -306,7 +302,8 @@ def train_ldm(
     noise_gen = torch.Generator().manual_seed(cfg.seed * 7919 + 1)
     state = TrainingState(
         models={"ldm": model}, optimizers={"adamw": optimizer}, emas={"ldm": ema},
-        generators={"noise": noise_gen}, config_hash=config_hash({**_resume_relevant(config, cfg), "init": init_hash}),
+        generators={"noise": noise_gen},
+        config_hash=config_hash({**_resume_relevant(config, cfg, institution), "init": init_hash}),
     )
 
     # 4. Resume, or compute the scale factors over the whole training set.
@@ -318,9 +315,7 @@ def train_ldm(
     if state.scale_factors is None and init_factors is not None:
         state.scale_factors = init_factors  # the latent space the initial weights learned
     if state.scale_factors is None:
-        stats = LatentStats(sequences, group)
-        stats.update(train.latents)
-        state.scale_factors = stats.scale_factors()
+        state.scale_factors = latent_stats(train, sequences, ctx).scale_factors()
     factors = torch.tensor([state.scale_factors[s] for s in sequences])
 
     ddp_model = DistributedDataParallel(model) if ctx.is_distributed else model
@@ -376,12 +371,13 @@ def train_ldm(
             objective=config.diffusion.objective,
             sequences=sequences,
             latent_scale_factors=dict(state.scale_factors),
-            reference_intensities=reference_intensities(manifest, sequences),
+            reference_intensities=reference_intensities(train_studies, sequences),
             grid_size=tuple(grid.size),
             spacing=tuple(float(s) for s in train.spacing.median(0).values.tolist()),
             text_encoder=config.text_encoder.name_or_path,
             extra={"steps": state.step, "train_exams": len(train), "autoencoder_hash": model_hash(autoencoder_dir),
-                   "max_tokens": max_tokens, "initialised_from": init_hash},
+                   "max_tokens": max_tokens, "steps_per_epoch": steps_per_epoch, "initialised_from": init_hash,
+                   **run_record(ctx, cfg.batch_size, institution)},
         )
         save_model_dir(model_dir, {"ldm": sampling_model, "autoencoder": autoencoder_model}, config, metadata,
                        model_card or _default_card(config, metadata, len(train)))
@@ -408,11 +404,12 @@ def _initialise(model: CCELLALDM, init: str | Path, autoencoder_dir: str | Path,
     return model_hash(init), ({s: float(factors[s]) for s in sequences} if factors else None)
 
 
-def _resume_relevant(config, cfg: LDMTrainingConfig):
+def _resume_relevant(config, cfg: LDMTrainingConfig, institution: str | None = None):
     """The config parts a resumed run must share with the run it continues (not max_steps: a run may be extended,
     which re-spreads the LR schedule over the new total)."""
-    return {"ldm": config.ldm, "diffusion": config.diffusion, "loss": config.loss,
-            "train": replace(cfg, max_steps=0, log_every=1, validate_every=1, checkpoint_every=1)}
+    relevant = {"ldm": config.ldm, "diffusion": config.diffusion, "loss": config.loss,
+                "train": replace(cfg, max_steps=0, log_every=1, validate_every=1, checkpoint_every=1)}
+    return relevant if institution is None else {**relevant, "institution": str(institution)}
 
 
 def _default_card(config, metadata, n_train: int) -> str:

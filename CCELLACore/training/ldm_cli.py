@@ -21,6 +21,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="model directory to start from (fine-tuning; its U-Net may take fewer inputs)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config key, e.g. --set train_ldm.lr=2e-4 (repeatable)")
+    parser.add_argument("--institution", help="train on this institution's rows of the manifest only")
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -32,6 +33,6 @@ def run(args: argparse.Namespace) -> int:
     config = load_config(args.config, args.set)
     model_dir = train_ldm(config, args.manifest, args.autoencoder, args.out, device=args.device,
                           max_steps=args.max_steps, stop_after=args.stop_after, progress=not args.no_progress,
-                          init=args.init)
+                          init=args.init, institution=args.institution)
     print(f"model written to {model_dir}" if model_dir else f"stopped; checkpoint in {args.out / 'checkpoints'}")
     return 0

@@ -17,11 +17,11 @@ from CCELLACore.data.preprocess import (
     denormalize,
     denormalize_array,
     preprocess_exam,
-    preprocess_manifest,
     preprocess_study,
     read_normalization,
     target_grid,
 )
+from CCELLACore.data.preprocess_batch import preprocess_manifest
 from CCELLACore.data.study import Exam, Study
 from CCELLACore.data.volume import Volume, read_volume, write_volume
 from CCELLACore.errors import DataError
@@ -347,3 +347,38 @@ def test_case_folder_names_are_safe_and_distinct():
     assert case_folder_name("10001_1000001") == "10001_1000001"
     names = {case_folder_name(c) for c in ("a/b", "a_b", "../x", "a b")}
     assert len(names) == 4 and all("/" not in n and not n.startswith(".") for n in names)
+
+
+def test_gland_masks_from_a_folder_and_a_warning_naming_unmasked_cases(tmp_path, caplog):
+    """PI-CAI layout: one binary whole-gland mask per case, named by case id; a case without one is centred on the
+    image and named in one warning."""
+    from CCELLACore.cli import main
+
+    studies = [write_study(tmp_path, name, seed=i) for i, name in enumerate(("10001_1000001", "10002_1000002"))]
+    masks = tmp_path / "whole_gland" / "AI" / "Bosma22b"
+    gland = read_volume(studies[0].masks["gland"])
+    write_volume(gland.with_array((gland.array > 0).astype(np.uint8)), masks / "10001_1000001.nii.gz")
+    for study in studies:
+        study.masks.pop("gland")
+    manifest = _manifest(tmp_path, studies)
+    out = tmp_path / "out"
+    with caplog.at_level("WARNING", logger="CCELLACore"):
+        summary = preprocess_manifest(manifest, CONFIG, out, workers=1, progress=False, masks_dir=masks)
+    assert summary.details["centered_on"] == {"gland": 1, "volume": 1}
+    assert summary.details["no_gland_mask"] == ["10002_1000002"]
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1 and "10002_1000002" in warnings[0] and "10001_1000001" not in warnings[0]
+    done = json.loads((out / "cases" / "10001_1000001" / "done.json").read_text())
+    assert done["center"] == "gland" and "gland" in done["files"]
+    new = read_manifest(out / "manifest.csv").by_case()
+    def grid_centre(case_id):
+        axt2 = read_volume(new[case_id].images["AxT2"])
+        return (axt2.affine_lps @ np.append((np.asarray(axt2.shape, float) - 1) / 2, 1.0))[:3]
+
+    np.testing.assert_allclose(grid_centre("10001_1000001"), GLAND_LPS, atol=0.6)  # on the gland
+    np.testing.assert_allclose(grid_centre("10002_1000002"), 0.0, atol=1e-3)  # on the AxT2 volume's centre
+    assert "gland" not in new["10002_1000002"].masks
+    assert main(["preprocess", "--manifest", str(manifest), "--config", "tiny", "--out", str(tmp_path / "cli"),
+                 "--workers", "1", "--masks", str(masks), "--no-progress"]) == 0
+    with pytest.raises(DataError, match="masks folder not found"):
+        preprocess_manifest(manifest, CONFIG, out, workers=1, progress=False, masks_dir=tmp_path / "nowhere")

@@ -76,3 +76,21 @@ def test_two_processes_give_the_same_exams_as_one(data, trained, tmp_path):
     for volume in single.rglob("*.nii.gz"):
         twin = tmp_path / "ddp" / volume.relative_to(single)
         assert twin.read_bytes() == volume.read_bytes()
+
+
+def test_sampling_defaults_come_from_the_model(data, trained, tmp_path):
+    """Without --steps/--sampler/--guidance, synthesize uses the model's `sampling:` config (as generate does)."""
+    import shutil
+
+    import yaml
+
+    model = tmp_path / "model"
+    shutil.copytree(trained, model)
+    config = yaml.safe_load((model / "config.yaml").read_text(encoding="utf-8"))
+    config["sampling"] = {"sampler": "ddim", "steps": 3, "guidance": 1.5}
+    (model / "config.yaml").write_text(yaml.safe_dump(config), encoding="utf-8")
+    out = tmp_path / "synth"
+    assert main(["synthesize", "--manifest", str(data / "prep" / "manifest.csv"), "--model", str(model), "--out",
+                 str(out), "--splits", "test", "--no-progress"]) == 0
+    records = [json.loads(p.read_text(encoding="utf-8")) for p in out.rglob("generation.json")]
+    assert records and all((r["sampler"], r["steps"], r["guidance"]) == ("ddim", 3, 1.5) for r in records)

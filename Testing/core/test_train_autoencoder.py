@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 
 from CCELLACore.data.manifest import read_manifest, write_manifest
 from CCELLACore.data.phantoms import generate_phantom
-from CCELLACore.data.preprocess import preprocess_manifest
+from CCELLACore.data.preprocess_batch import preprocess_manifest
 from CCELLACore.data.study import SEQUENCES, Study
 from CCELLACore.data.volume import write_volume
 from CCELLACore.errors import ConfigError, DataError

@@ -1,6 +1,6 @@
 """Real-data layouts: detect, import into :class:`~CCELLACore.data.study.Study` records, and export.
 
-Four layouts (decisions.md, "Real data layouts"):
+Four layouts (docs/data.md, "Real data layouts"):
 
 =============  ==========================================================================================
 manifest       the project's own CSV (:func:`~CCELLACore.data.manifest.read_manifest`)

@@ -1,4 +1,4 @@
-"""The CCELLA++ authors' dataset JSON (``train.json`` / ``test.json``), reference section 1.
+"""The CCELLA++ authors' dataset JSON (``train.json`` / ``test.json``); docs/data.md.
 
 Each file is a list of entries::
 

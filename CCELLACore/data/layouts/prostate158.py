@@ -10,7 +10,7 @@ Each case folder holds ``t2.nii.gz``, ``adc.nii.gz``, ``dwi.nii.gz`` (HighB), ``
 ``adc_tumor_reader{1,2}.nii.gz``. The CSVs list them (columns :data:`CSV_COLUMNS`), paths relative to the CSV's
 folder, empty where absent. Split: ``train.csv`` -> train, ``valid.csv`` -> val, ``test.csv`` -> test.
 
-Label (decisions.md): a case with a tumour annotation (a non-empty ``adc_tumor_reader1`` or ``t2_tumor_reader1``
+Label (docs/data.md, "Labels"): a case with a tumour annotation (a non-empty ``adc_tumor_reader1`` or ``t2_tumor_reader1``
 entry whose file exists) is csPCa-positive, source "annotation"; every other case is negative. Masks: gland =
 ``t2_anatomy_reader1`` (else reader 2), lesion = ``t2_tumor_reader1`` (else ``adc_tumor_reader1``, on the ADC grid).
 One study per patient: the ID is the case id and the patient id. Institution ``"2"``, no reports.
