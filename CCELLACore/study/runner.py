@@ -290,7 +290,11 @@ def run_study(config: StudyConfig, out: str | Path, *, device: str = "auto", pro
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out / "study.yaml", dump_yaml(config))
+    text = dump_yaml(config)
+    if (out / "study.yaml").is_file() and (out / "study.yaml").read_text(encoding="utf-8") != text:
+        # Finished cells of another config would be mixed into this study's table.
+        raise CCELLAError(f"{out} holds a study run with another config ({out / 'study.yaml'}); use a new --out")
+    atomic_write_text(out / "study.yaml", text)
     data = prepare_data(config, out, device, progress)
     subsets = write_subsets(config, data, out)
     cells = plan_cells(config)
