@@ -52,6 +52,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
     parser.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
                         help="auto: bf16 where the GPU or CPU has it natively, else fp32")
+    parser.add_argument("--decoder", choices=("auto", "full", "light"), default="auto",
+                        help="full: the autoencoder's decoder; light: the distilled one (ccella distill-decoder); "
+                        "auto: light only where the model folder records that it met the quality bar")
+    parser.add_argument("--decode-tile", type=int, nargs=3, metavar=("X", "Y", "Z"), default=None,
+                        help="decode in tiles of this many LATENT voxels (e.g. 32 32 32) to cap memory "
+                        "(a 256x256x128 volume fits 6 GiB with 32 32 32; docs/speed.md)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -120,7 +126,11 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     dtype = {"auto": None, "fp32": torch.float32, "bf16": torch.bfloat16}[args.precision]
-    pipe = CCELLAPipeline.from_pretrained(args.model, device=args.device, dtype=dtype)
+    from ..models.light_decoder import DecodeTiling
+
+    tiling = DecodeTiling(roi=tuple(args.decode_tile)) if args.decode_tile else None
+    pipe = CCELLAPipeline.from_pretrained(args.model, device=args.device, dtype=dtype, decoder=args.decoder,
+                                          decode_tiling=tiling)
     single = len(reports) == 1
     failures = 0
     for k, (name, report) in enumerate(reports):

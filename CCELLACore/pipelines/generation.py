@@ -23,6 +23,7 @@ from ..data.volume import SYNTHETIC_KEY, make_grid
 from ..errors import CCELLAError, ConfigError
 from ..models.autoencoder import build_autoencoder
 from ..models.ldm import CCELLALDM
+from ..models.light_decoder import DecodeTiling, SequenceCodec, choose_decoder, load_light_decoder
 from ..models.serialization import load_model_dir, read_model_config
 from ..models.text_encoder import TextEncoder
 from ..precision import autocast_context, choose_dtype, describe_device
@@ -65,15 +66,16 @@ class CCELLAPipeline:
         metadata: the model directory's ``model.json``.
         device: where to compute.
         dtype: compute precision; None = from the device (bf16 only where the hardware has it natively).
+        light_decoder: decode with this distilled decoder instead of the autoencoder's full one (None = full).
+        decode_tiling: decode in tiles (:class:`~CCELLACore.models.light_decoder.DecodeTiling`; None = whole).
     """
 
     def __init__(self, ldm, autoencoder, text_encoder, config, metadata: dict[str, Any], device: torch.device,
-                 dtype: torch.dtype | None = None):
-        from ..models.autoencoder import SequenceAutoencoder
-
+                 dtype: torch.dtype | None = None, *, light_decoder=None, decode_tiling: DecodeTiling | None = None):
         self.dtype = choose_dtype(device) if dtype is None else dtype
         self.ldm = ldm.to(device).eval()
-        self.autoencoder = SequenceAutoencoder(autoencoder, device, self.dtype)
+        self.autoencoder = SequenceCodec(autoencoder, device, self.dtype, light_decoder=light_decoder,
+                                         tiling=decode_tiling)
         self.text_encoder = text_encoder
         self.config = config
         self.metadata = metadata
@@ -85,8 +87,13 @@ class CCELLAPipeline:
     # ------------------------------------------------------------------------------------------------- loading
     @classmethod
     def from_pretrained(cls, directory: str | Path, device: str | torch.device = "auto",
-                        dtype: torch.dtype | None = None) -> "CCELLAPipeline":
+                        dtype: torch.dtype | None = None, *, decoder: str = "auto",
+                        decode_tiling: DecodeTiling | None = None) -> "CCELLAPipeline":
         """Load a model directory (``ccella train-ldm`` output); never runs code from it (safetensors only).
+
+        ``decoder``: ``"full"`` (the autoencoder's), ``"light"`` (the distilled one ``ccella distill-decoder``
+        added; error if there is none) or ``"auto"``: light only where its recorded quality met the bar
+        (:data:`~CCELLACore.models.light_decoder.QUALITY_BAR`), else full. ``decode_tiling``: decode in tiles.
 
         Raises:
             CCELLAError: missing directory or files, a config that does not match the weights (names the component
@@ -106,12 +113,16 @@ class CCELLAPipeline:
         device = torch.device(device)
         ldm = CCELLALDM(config.ldm)
         autoencoder = build_autoencoder(config.autoencoder, "cpu")
-        _, metadata, _ = load_model_dir(directory, {"ldm": ldm, "autoencoder": autoencoder})
+        _, metadata, state_dicts = load_model_dir(directory, {"ldm": ldm, "autoencoder": autoencoder})
+        light = None
+        if choose_decoder(decoder, metadata, directory) == "light":
+            light = load_light_decoder(directory, metadata, state_dicts)
         text_encoder = TextEncoder.from_config(config.text_encoder, device=device)
         if text_encoder.feature_dim != config.ldm.adapter.input_dim:
             raise CCELLAError(f"{directory}: text encoder {config.text_encoder.name_or_path} gives "
                               f"{text_encoder.feature_dim}-d features, the model expects {config.ldm.adapter.input_dim}")
-        return cls(ldm, autoencoder, text_encoder, config, metadata, device, dtype)
+        return cls(ldm, autoencoder, text_encoder, config, metadata, device, dtype, light_decoder=light,
+                   decode_tiling=decode_tiling)
 
     # ------------------------------------------------------------------------------------------------- steps
     @property
@@ -239,6 +250,8 @@ class CCELLAPipeline:
             "seed": int(seed), "sampler": sampler_name, "steps": int(steps), "guidance": float(guidance),
             "spacing": list(spacing), "unconditional": bool(unconditional), "model_hash": self.model_hash,
             "device": describe_device(self.device), "dtype": str(self.dtype).replace("torch.", ""),
+            "decoder": self.autoencoder.decoder_name,
+            "decode_tile": list(self.autoencoder.tiling.roi) if self.autoencoder.tiling is not None else None,
         }
         exam = self.to_exam(images, spacing, {"CCELLA_seed": str(seed), "CCELLA_sampler": sampler_name})
         return GenerationOutput(exam=exam, class_probability=class_probability, settings=settings)
