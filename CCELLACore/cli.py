@@ -29,6 +29,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "split": ("CCELLACore.classifier.split_cli", "patient-level train/val/test splits stratified by label, seeded"),
     "train-classifier": ("CCELLACore.classifier.train_cli", "train the csPCa classifier (3D EfficientNet-B0; resumable, DDP)"),
     "classify": ("CCELLACore.classifier.classify_cli", "p(csPCa) and a Grad-CAM saliency map for exams of any geometry"),
+    "evaluate": ("CCELLACore.evaluation.evaluate_cli", "FID/KID, MS-SSIM diversity, intensities, faithfulness and memorisation audit"),
 }
 
 
