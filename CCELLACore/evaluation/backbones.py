@@ -9,8 +9,9 @@
   min-max to [0, 1], grey to 3 channels (RGB -> BGR is a no-op on grey), the ImageNet channel means subtracted in BGR
   order, empty (constant) slices skipped; one 2048-d vector per slice (spatial mean of the last block).
 * :func:`load_classifier_standin` -- the stand-in: a csPCa classifier model folder's (``ccella train-classifier``)
-  EfficientNet activations, spatial mean and standard deviation of the stem, every stage and the head (4192-d), for data sets (phantoms, CI) where neither weights file is at hand. Its numbers are
-  NOT comparable with published FIDs; every table and figure names it as a stand-in.
+  EfficientNet activations, spatial mean and standard deviation of the stem, every stage and the head (4192-d), for
+  data sets (phantoms, CI) where neither weights file is at hand. Its numbers are NOT comparable with published
+  FIDs; every table and figure names it as a stand-in.
 
 Weight files may store their tensors under a ``state_dict`` key and with ``module.`` prefixes (DataParallel); both
 are accepted. Every backbone carries the SHA-256 of its weights file, which every reported number names.
@@ -295,4 +296,5 @@ def load_classifier_standin(model_dir: str | Path, device: str | torch.device = 
     return Backbone(f"stand-in: classifier '{model.name}' features", "stand-in", weights.name, sha256_file(weights),
                     extract, standin=True,
                     settings={"model_hash": model.model_hash, "sequences": list(model.sequences),
-                              "feature": "spatial mean and std of the stem, every stage and the head", "input": "the classifier's own grid"})
+                              "feature": "spatial mean and std of the stem, every stage and the head",
+                              "input": "the classifier's own grid"})

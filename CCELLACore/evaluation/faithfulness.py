@@ -28,8 +28,8 @@ from ..fileio import read_json
 from ..metrics.honour import GROUPS, pirads_group, rank_auc, rate, report_side
 from ..metrics.lesion_detector import detect_lesions
 
-__all__ = ["on_axt2_grid", "pair_with_real", "report_class", "classifier_agreement", "read_phantom_truth", "gland_atlas_for",
-           "phantom_agreement"]
+__all__ = ["on_axt2_grid", "pair_with_real", "report_class", "classifier_agreement", "read_phantom_truth",
+           "gland_atlas_for", "phantom_agreement"]
 
 logger = logging.getLogger("CCELLACore")
 

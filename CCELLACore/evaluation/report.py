@@ -60,7 +60,7 @@ def _histograms(passes: dict[str, dict], path: Path) -> Path:
             ax.hist(v, bins=80, range=(low, high), density=True, histtype="step", label=label)
         ax.set_title(f"{name} intensities" + (" (10^-6 mm^2/s)" if name == "ADC" else " (arbitrary units)"))
         ax.legend()
-    fig.suptitle(f"Voxel intensity histograms of the sampled exams; {_SYNTHETIC_NOTE}", fontsize=9)
+    fig.suptitle(f"Voxel intensity histograms of the sampled exams; {_SYNTHETIC_NOTE}", fontsize=9, y=1.03)
     _save(fig, path)
     plt.close(fig)
     return path
@@ -133,7 +133,8 @@ def report_markdown(metrics: dict[str, Any], figures: list[str]) -> str:
                      f"{d['synthetic']['n_pairs']} / {d['real']['n_pairs']} |")
     lines += ["", "## Intensities (Table 2)", "",
               "Mean over volumes of each volume's 0.5th percentile, mean and 99.5th percentile.", "",
-              "| set | sequence | institution | split | exams | 0.5% | mean | 99.5% |", "|---|---|---|---|---|---|---|---|"]
+              "| set | sequence | institution | split | exams | 0.5% | mean | 99.5% |",
+              "|---|---|---|---|---|---|---|---|"]
     for r in metrics["intensity"]:
         lines.append(f"| {r['set']} | {r['sequence']} | {r['institution']} | {r['split']} | {r['n']} | "
                      f"{r['p0_5']:.4g} | {r['mean']:.4g} | {r['p99_5']:.4g} |")

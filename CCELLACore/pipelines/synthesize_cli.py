@@ -118,6 +118,7 @@ def run(args: argparse.Namespace) -> int:
         if args.audit:
             from ..evaluation.memorisation import write_audit
 
-            write_audit(args.manifest, args.out / "manifest.csv", args.out / "audit.json", progress=not args.no_progress)
+            write_audit(args.manifest, args.out / "manifest.csv", args.out / "audit.json",
+                        progress=not args.no_progress)
     ctx.barrier()
     return 1 if summary.skipped else 0
