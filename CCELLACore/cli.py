@@ -32,6 +32,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train-classifier": ("CCELLACore.classifier.train_cli", "train the csPCa classifier (3D EfficientNet-B0; resumable, DDP)"),
     "classify": ("CCELLACore.classifier.classify_cli", "p(csPCa) and a Grad-CAM saliency map for exams of any geometry"),
     "domain-adaptation": ("CCELLACore.study.cli", "the domain-adaptation study: pretrain, fine-tune on fractions, compare"),
+    "evaluate": ("CCELLACore.evaluation.evaluate_cli", "FID/KID, MS-SSIM diversity, intensities, faithfulness and memorisation audit"),
 }
 
 

@@ -58,6 +58,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="copy report text into the outputs (default: hashes only)")
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
     parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--audit", action="store_true", help="then run the memorisation audit of `ccella evaluate` "
+                        "on the written exams against the manifest's training exams (<out>/audit.json)")
 
 
 def _synthetic_study(study: Study, case_dir: Path, record: dict, keep_report: bool) -> Study:
@@ -116,5 +118,10 @@ def run(args: argparse.Namespace) -> int:
                                 "model_hash": pipe.model_hash})
         summary.write(args.out / "synthesize_summary.json")
         print(f"{args.out / 'manifest.csv'}: {len(merged)} synthetic exams; {summary}")
+        if args.audit:
+            from ..evaluation.memorisation import write_audit
+
+            write_audit(args.manifest, args.out / "manifest.csv", args.out / "audit.json",
+                        progress=not args.no_progress)
     ctx.barrier()
     return 1 if summary.skipped else 0
