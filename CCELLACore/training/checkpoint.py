@@ -186,8 +186,8 @@ def save_checkpoint(directory: str | Path, state: TrainingState) -> Path:
                 "extra": state.extra,
             })
         except (OSError, RuntimeError, SafetensorError) as exc:  # disk full, quota, file size limit
-            raise CCELLAError(f"{directory}: cannot write the checkpoint ({str(exc).strip().splitlines()[-1]}); "
-                              "the last complete checkpoint is unchanged") from None
+            raise CCELLAError(f"{directory}: cannot write the checkpoint ({str(exc).strip().splitlines()[-1]}; disk "
+                              "full?); the last complete checkpoint is unchanged") from None
         last, previous = directory / LAST, directory / PREVIOUS
         if last.exists():
             if previous.exists():
