@@ -64,12 +64,13 @@ def test_a_10000_case_manifest_imports_in_seconds(tmp_path, capsys):
                              images={"AxT2": axt2}, report=f"PI-RADS {k % 5 + 1}, lesion {k % 17} mm.",
                              pirads=k % 5 + 1))
     source = write_manifest(studies, tmp_path / "source.csv")
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     assert main(["import", str(source), "--out", str(tmp_path / "imported.csv")]) == 0
-    seconds = time.perf_counter() - start
-    print(f"ccella import of 10 000 cases: {seconds:.2f} s")
+    seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
+    print(f"ccella import of 10 000 cases: {seconds:.2f} s wall, {cpu:.2f} s CPU")
     imported = read_manifest(tmp_path / "imported.csv")
     assert len(imported) == 10_000 and not imported.problems
     assert imported.studies[9_999].report == studies[9_999].report
     assert "10000 studies of 5000 patients" in capsys.readouterr().out
-    assert seconds < 10.0  # about 1 s on an idle 2-core machine
+    # CPU time: what the import costs, whatever else the machine runs (wall time equals it on an idle machine).
+    assert cpu < 5.0, (seconds, cpu)
