@@ -177,6 +177,10 @@ def _nrrd_truncation(path: Path) -> str | None:
     if encoding == "raw":
         found = path.stat().st_size - end.end()
     elif encoding in ("gzip", "gz"):
+        with open(path, "rb") as fh:  # fast path, as for .nii.gz: the gzip trailer records the length (mod 2^32)
+            fh.seek(-4, 2)
+            if int.from_bytes(fh.read(4), "little") == expected % (1 << 32):
+                return None
         _, found, why = _gunzip_scan(path, offset=end.end())
         if why not in (None, "truncated"):
             return f"unreadable image (gzip stream broken after {found} decompressed bytes: {why})"
