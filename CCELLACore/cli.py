@@ -80,6 +80,15 @@ def main(argv: list[str] | None = None) -> int:
     except CCELLAError as exc:
         print(f"ccella {name}: error: {exc}", file=sys.stderr)
         return 1
+    except RuntimeError as exc:
+        if "torch" in sys.modules:  # a distributed job whose other process died: say so, not a gloo traceback
+            from .training.distributed import peer_failure
+
+            message = peer_failure(exc)
+            if message:
+                print(f"ccella {name}: error: {message}", file=sys.stderr)
+                return 1
+        raise
 
 
 if __name__ == "__main__":

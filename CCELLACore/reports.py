@@ -8,12 +8,13 @@ Reports are patient data. Nothing here logs or puts report text into an error me
 - More than :data:`REPORT_CHAR_LIMIT` characters is refused (:class:`ReportError` naming the limit and the source).
   Reports longer than the text encoder's token limit are truncated by the encoder, keeping the end (the impression).
 - Non-ASCII text (µ, ≥, accents) is ordinary text; bytes that are not valid UTF-8 are an error naming the file and
-  the byte position.
+  the byte position, and so is valid UTF-8 holding control characters (NUL, ESC, ...: binary data, not a report).
 """
 
 from __future__ import annotations
 
 import hashlib
+import re
 from pathlib import Path
 
 from .errors import CCELLAError
@@ -29,6 +30,9 @@ __all__ = [
 
 #: Longest report accepted, in characters (about 10x a long prostate MRI report).
 REPORT_CHAR_LIMIT = 20_000
+
+# C0 controls other than tab, line feed, form feed and carriage return, and DEL: no typed report holds them.
+_CONTROL = re.compile("[\x00-\x08\x0b\x0e-\x1f\x7f]")
 
 # A UTF-8 character takes at most 4 bytes: a file larger than this certainly exceeds the limit.
 _MAX_REPORT_BYTES = 4 * REPORT_CHAR_LIMIT + 3  # + a byte-order mark
@@ -51,8 +55,9 @@ def check_report(text: str, *, source: str = "--report") -> str:
         source: what to name in errors: ``"--report"``, a file name or ``"case <id>"``.
 
     Raises:
-        ReportError: not a string, longer than :data:`REPORT_CHAR_LIMIT` characters, or holding characters that
-            cannot be written as UTF-8 (lone surrogates from a mis-decoded file).
+        ReportError: not a string, longer than :data:`REPORT_CHAR_LIMIT` characters, holding characters that
+            cannot be written as UTF-8 (lone surrogates from a mis-decoded file) or control characters other than
+            tab, line and page breaks.
     """
     if not isinstance(text, str):
         raise ReportError(f"{source}: a report must be text, got {type(text).__name__}")
@@ -65,6 +70,10 @@ def check_report(text: str, *, source: str = "--report") -> str:
         text.encode("utf-8")
     except UnicodeEncodeError as exc:
         raise ReportError(f"{source}: report has a character that is not valid Unicode at position {exc.start}") from None
+    control = _CONTROL.search(text)
+    if control:
+        raise ReportError(f"{source}: report has the control character U+{ord(control.group()):04X} at position "
+                          f"{control.start()}; a report must be plain text (binary data?)")
     return text
 
 

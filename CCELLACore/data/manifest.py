@@ -20,8 +20,10 @@ label           csPCa label 0/1
 label_source    histopathology, pirads, annotation, predicted (synthetic exams) or none
 ==============  =====================================================================================
 
-Reading is lenient per row and strict per file: an unknown column is an error naming the column and file (a typo
-would otherwise drop data silently); a bad row (duplicate case, bad value) is reported in ``problems`` and skipped.
+Reading is lenient per row and strict per file: an unknown column, bytes that are not UTF-8 or broken CSV quoting
+is an error naming the file (and column or line; a typo would otherwise drop data silently); a bad row (duplicate
+case, bad value, more values than columns, a report that :func:`~CCELLACore.reports.check_report` refuses) is
+reported in ``problems`` with its line and skipped.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from pathlib import Path
 
 from ..errors import DataError, ManifestError
 from ..fileio import atomic_write_text
+from ..reports import ReportError, check_report
 from .batch import SkippedCase
 from .study import MASKS, SEQUENCES, LabelSource, Study
 
@@ -114,11 +117,21 @@ def read_manifest(path: str | Path, *, check_files: bool = False) -> Manifest:
     path = Path(path)
     if not path.is_file():
         raise ManifestError(path, "manifest not found")
+    data = path.read_bytes()
     try:
-        text = path.read_text(encoding="utf-8")
+        text = data.decode("utf-8-sig")  # spreadsheet programs start UTF-8 CSVs with a byte-order mark
     except UnicodeDecodeError as exc:
-        raise ManifestError(path, f"not valid UTF-8 at byte {exc.start}") from None
-    reader = csv.DictReader(io.StringIO(text))
+        line = data[: exc.start].count(b"\n") + 1
+        raise ManifestError(path, f"not valid UTF-8 at byte {exc.start} (line {line}); save it as UTF-8 CSV") from None
+    # strict: an unterminated quote is an error, not a last field that swallows the rest of the file.
+    reader = csv.DictReader(io.StringIO(text), strict=True)
+    try:
+        return _read_rows(path, reader, check_files)
+    except csv.Error as exc:
+        raise ManifestError(path, f"not a readable CSV in the row starting at line {reader.line_num + 1}: {exc}") from None
+
+
+def _read_rows(path: Path, reader: csv.DictReader, check_files: bool) -> Manifest:
     columns = reader.fieldnames or []
     unknown = [c for c in columns if c not in MANIFEST_COLUMNS]
     if unknown:
@@ -131,11 +144,17 @@ def read_manifest(path: str | Path, *, check_files: bool = False) -> Manifest:
     studies: list[Study] = []
     problems: list[SkippedCase] = []
     seen: set[str] = set()
-    for line, row in enumerate(reader, start=2):
-        row = {k: (v or "") for k, v in row.items() if k is not None}
+    for row in reader:
+        line = reader.line_num  # a quoted report may span several lines: name the line the row ends on
+        extra = row.pop(None, None)  # values beyond the header's columns
+        row = {k: (v or "") for k, v in row.items()}
         case_id = row["case_id"].strip() or f"<row {line}>"
+        if extra:
+            problems.append(SkippedCase(case_id, f"line {line} of {path.name}: {len(columns) + len(extra)} values "
+                                                 f"for {len(columns)} columns (an unquoted comma?)"))
+            continue
         if case_id in seen:
-            problems.append(SkippedCase(case_id, f"duplicate case_id (row {line} of {path.name}); first row kept"))
+            problems.append(SkippedCase(case_id, f"duplicate case_id (line {line} of {path.name}); first row kept"))
             continue
         try:
             study = _row_to_study(row, root)
@@ -143,9 +162,9 @@ def read_manifest(path: str | Path, *, check_files: bool = False) -> Manifest:
                 for name, file in (*study.images.items(), *study.masks.items()):
                     if not file.is_file():
                         raise DataError(study.case_id, f"{name} file not found: {file}")
-        except (ValueError, DataError) as exc:
+        except (ValueError, DataError, ReportError) as exc:
             reason = exc.reason if isinstance(exc, DataError) else str(exc)
-            problems.append(SkippedCase(case_id, f"row {line} of {path.name}: {reason}"))
+            problems.append(SkippedCase(case_id, f"line {line} of {path.name}: {reason}"))
             continue
         seen.add(case_id)
         studies.append(study)
@@ -180,7 +199,7 @@ def _row_to_study(row: dict[str, str], root: Path) -> Study:
         split=row.get("split", "").strip(),
         images={k: v for k, v in images.items() if v is not None},
         masks={k: v for k, v in masks.items() if v is not None},
-        report=row.get("report", ""),
+        report=check_report(row.get("report", ""), source="column 'report'") if row.get("report") else "",
         pirads=_optional_int(row.get("pirads", ""), "pirads"),
         isup=_optional_int(row.get("isup", ""), "isup"),
         label=_optional_int(row.get("label", ""), "label"),
@@ -198,7 +217,8 @@ def _relative(path: Path | None, root: Path) -> str:
 
 
 def write_manifest(studies: list[Study], path: str | Path) -> Path:
-    """Write studies as a manifest CSV (atomically), with paths relative to the manifest's folder."""
+    """Write studies as a manifest CSV (atomically), with paths relative to the manifest's folder; report line
+    breaks are written as ``\n``."""
     path = Path(path)
     root = path.parent
     buffer = io.StringIO()
@@ -211,7 +231,9 @@ def write_manifest(studies: list[Study], path: str | Path) -> Path:
             "study_id": s.study_id,
             "institution": s.institution,
             "split": s.split,
-            "report": s.report or "",
+            # csv quotes a field holding the line terminator (\n) but not a lone \r, which the reader then takes for
+            # a line break: store report line breaks as \n.
+            "report": (s.report or "").replace("\r\n", "\n").replace("\r", "\n"),
             "pirads": "" if s.pirads is None else s.pirads,
             "isup": "" if s.isup is None else s.isup,
             "label": "" if s.label is None else s.label,

@@ -318,6 +318,10 @@ def _as_label_map(volume: Volume) -> Volume:
     return Volume(np.clip(labels, 0, None).astype(dtype), volume.spacing, volume.origin, volume.direction.copy(), {})
 
 
+#: Voxel sizes (mm, per axis) an MR volume can have; anything else is a unit mix-up or a broken header.
+PLAUSIBLE_SPACING_MM = (0.01, 50.0)
+
+
 def preprocess_exam(
     exam: Exam,
     config: PreprocessConfig,
@@ -336,7 +340,8 @@ def preprocess_exam(
         info dict: ``center`` (``"gland"`` or ``"volume"``), ``center_lps``, ``normalization`` per sequence.
 
     Raises:
-        DataError: naming the case and file: no physical overlap with AxT2, empty gland mask, constant image.
+        DataError: naming the case and file: no physical overlap with AxT2, empty gland mask, constant image,
+            implausible voxel spacing (outside :data:`PLAUSIBLE_SPACING_MM`).
     """
     files = files or {}
     case = exam.case_id or "<exam>"
@@ -349,6 +354,10 @@ def preprocess_exam(
 
     # Inputs that miss AxT2 altogether would resample to an all-zero volume: refuse them, naming the file.
     for key, vol in (*exam.volumes.items(), *exam.masks.items()):
+        low, high = PLAUSIBLE_SPACING_MM
+        if not all(low <= s <= high for s in vol.spacing):
+            raise DataError(case, f"{name(key)}: voxel spacing {tuple(round(s, 6) for s in vol.spacing)} mm is "
+                            f"outside {low}-{high} mm (a header in metres or micrometres, or corrupt)")
         if key != "AxT2" and not _overlaps(vol, axt2):
             raise DataError(case, f"{name(key)}: {key} has no physical overlap with AxT2 {name('AxT2')} "
                             "(check origin/direction in the headers)")

@@ -9,14 +9,13 @@ Conventions (one place for the whole project):
   converts, so a volume read from any format shows the same anatomy in Slicer and SimpleITK.
 - Writes are atomic: the file appears complete or not at all.
 - Reads refuse truncated files by name ("truncated: expected N bytes of voxel data, found M"): MHA/MHD with
-  ``ElementDataFile = LOCAL`` (header size + voxel bytes against the file size) and NIfTI (``.nii`` by size,
-  ``.nii.gz`` by the gzip stream), which ITK would otherwise report as "No such file or directory" (MHA) or read
-  with missing voxels (``.nii.gz``).
+  ``ElementDataFile = LOCAL``, NIfTI (``.nii`` by size, ``.nii.gz`` by the gzip stream) and NRRD with attached raw
+  or gzip data (see :mod:`CCELLACore.data.truncation`), which ITK would otherwise report as "No such file or
+  directory" (MHA), in NRRD's own words, or read with missing voxels (``.nii.gz``).
 """
 
 from __future__ import annotations
 
-import re
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +24,7 @@ import numpy as np
 
 from ..errors import VolumeError
 from ..fileio import atomic_path
+from .truncation import size_problem
 
 __all__ = [
     "Volume",
@@ -183,137 +183,6 @@ def _last_line(exc: Exception) -> str:
     return lines[-1] if lines else "unknown error"
 
 
-#: Bytes per element of the MetaImage element types whose size does not depend on the platform.
-_MET_SIZES = {"MET_CHAR": 1, "MET_UCHAR": 1, "MET_SHORT": 2, "MET_USHORT": 2, "MET_INT": 4, "MET_UINT": 4,
-              "MET_LONG_LONG": 8, "MET_ULONG_LONG": 8, "MET_FLOAT": 4, "MET_DOUBLE": 8}
-_MET_LOCAL = re.compile(rb"^ElementDataFile\s*=\s*LOCAL[ \t]*\r?\n", re.MULTILINE)
-
-
-def _truncated(expected: int, found: int, note: str = "") -> str:
-    return f"unreadable image (truncated: expected {expected} bytes of voxel data, found {max(found, 0)}{note})"
-
-
-def _meta_truncation(path: Path) -> str | None:
-    """The truncation of an MHA/MHD file holding its voxels (``ElementDataFile = LOCAL``), or None (complete, or
-    not decidable from the header: external data file, ASCII data, platform-sized element types)."""
-    with open(path, "rb") as fh:
-        head = fh.read(1 << 16)
-    match = _MET_LOCAL.search(head)
-    if match is None:
-        if len(head) < 1 << 16 and b"ElementDataFile" not in head and re.match(rb"\s*(ObjectType|NDims)\s*=", head):
-            return "unreadable image (truncated: the MetaImage header ends before its ElementDataFile line)"
-        return None
-    fields = {}
-    for line in head[: match.start()].decode("latin-1").splitlines():
-        key, sep, value = line.partition("=")
-        if sep:
-            fields[key.strip()] = value.strip()
-    if fields.get("BinaryData", "True").lower() != "true" or "HeaderSize" in fields:
-        return None
-    found = path.stat().st_size - match.end()
-    if fields.get("CompressedData", "False").lower() == "true":
-        if not fields.get("CompressedDataSize", "").isdigit():
-            return None
-        expected = int(fields["CompressedDataSize"])
-        return _truncated(expected, found, ", zlib-compressed") if found < expected else None
-    try:
-        count = int(np.prod([int(d) for d in fields["DimSize"].split()], dtype=np.int64))
-        expected = count * int(fields.get("ElementNumberOfChannels", "1")) * _MET_SIZES[fields["ElementType"]]
-    except (KeyError, ValueError):
-        return None
-    return _truncated(expected, found) if found < expected else None
-
-
-def _gunzip_scan(path: Path, keep: int = 0, *, whole: bool = True) -> tuple[bytes, int, str | None]:
-    """Decompress a gzip file in pieces (all members): ``(first keep bytes, decompressed length, why)``, ``why``
-    None for a complete stream, "truncated" when it ends early, else zlib's error. With ``whole=False`` it stops once
-    ``keep`` bytes are out (the length is then a lower bound)."""
-    head, total = bytearray(), 0
-    gz = lambda: zlib.decompressobj(zlib.MAX_WBITS | 16)  # noqa: E731 - gzip wrapper
-    inflater = gz()
-    with open(path, "rb") as fh:
-        data = fh.read(1 << 16)
-        try:
-            while data:
-                out = inflater.decompress(data, 1 << 20)
-                total += len(out)
-                if len(head) < keep:
-                    head += out[: keep - len(head)]
-                    if not whole and len(head) >= keep:
-                        return bytes(head), total, None
-                if inflater.eof:  # end of a member: another one, or trailing bytes (ignored, as gzip tools do)
-                    data = inflater.unused_data or fh.read(1 << 16)
-                    if not data.startswith(b"\x1f\x8b"):
-                        return bytes(head), total, None
-                    inflater = gz()
-                else:
-                    data = inflater.unconsumed_tail or fh.read(1 << 16)
-        except zlib.error as exc:
-            return bytes(head), total, str(exc)
-    return bytes(head), total, None if inflater.eof else "truncated"
-
-
-def _nifti_sizes(head: bytes) -> tuple[int, int] | None:
-    """``(vox_offset, voxel data bytes)`` from the start of a NIfTI-1 or NIfTI-2 file, or None (not NIfTI)."""
-    import struct
-
-    for order in "<>":
-        if len(head) >= 348 and struct.unpack(order + "i", head[:4])[0] == 348:
-            dims = struct.unpack(order + "8h", head[40:56])
-            bitpix, offset = struct.unpack(order + "h", head[72:74])[0], struct.unpack(order + "f", head[108:112])[0]
-            break
-        if len(head) >= 540 and struct.unpack(order + "i", head[:4])[0] == 540:
-            bitpix, dims = struct.unpack(order + "h", head[14:16])[0], struct.unpack(order + "8q", head[16:80])
-            offset = struct.unpack(order + "q", head[168:176])[0]
-            break
-    else:
-        return None
-    if not 1 <= dims[0] <= 7 or bitpix <= 0 or bitpix % 8 or any(d < 1 for d in dims[1 : dims[0] + 1]):
-        return None
-    return int(offset), int(np.prod(dims[1 : dims[0] + 1], dtype=np.int64)) * (bitpix // 8)
-
-
-def _nifti_truncation(path: Path) -> str | None:
-    """The truncation (or broken gzip stream) of a NIfTI file, or None (complete, or no NIfTI header to go by)."""
-    if not str(path).lower().endswith(".gz"):
-        with open(path, "rb") as fh:
-            sizes = _nifti_sizes(fh.read(540))
-        if sizes is None:
-            return None
-        found = path.stat().st_size - sizes[0]
-        return _truncated(sizes[1], found) if found < sizes[1] else None
-    sizes = _nifti_sizes(_gunzip_scan(path, 540, whole=False)[0])
-    if sizes is None:
-        return None
-    offset, expected = sizes
-    # Fast path: the gzip trailer records the stream's length (mod 2^32); decompress it all only when it disagrees.
-    with open(path, "rb") as fh:
-        fh.seek(-4, 2)
-        if int.from_bytes(fh.read(4), "little") == (offset + expected) % (1 << 32):
-            return None
-    _, length, why = _gunzip_scan(path)
-    found = length - offset
-    if why is None:
-        return None if found >= expected else _truncated(expected, found)
-    if why == "truncated":
-        if found >= expected:  # the voxels decode, but the stream (and its checksum) is cut off
-            return f"unreadable image (truncated: the gzip stream ends early, after all {expected} bytes of voxel data)"
-        return _truncated(expected, found)
-    return f"unreadable image (gzip stream broken after {length} decompressed bytes: {why})"
-
-
-def _truncation(path: Path) -> str | None:
-    fmt = volume_format(path)
-    try:
-        if fmt == "meta":
-            return _meta_truncation(path)
-        if fmt == "nifti":
-            return _nifti_truncation(path)
-    except OSError:
-        return None
-    return None
-
-
 def read_header(path: str | Path):
     """Read and check only the header of a 3D NIfTI, NRRD or MHA file (no voxels are decoded).
 
@@ -323,7 +192,7 @@ def read_header(path: str | Path):
     Raises:
         VolumeError: unsupported suffix, missing file, unreadable header, not a 3D single-channel volume (a 2D
             slice, a single-slice volume or a 4D series; a 4D NIfTI holding one volume counts as 3D), or a truncated
-            MHA/NIfTI file ("truncated: expected N bytes of voxel data, found M"; checked from sizes, and for
+            MHA/NIfTI/NRRD file ("truncated: expected N bytes of voxel data, found M"; checked from sizes, and for
             ``.nii.gz`` from the gzip trailer, decompressing only when it disagrees).
     """
     import SimpleITK as sitk
@@ -337,14 +206,14 @@ def read_header(path: str | Path):
     try:
         reader.ReadImageInformation()
     except RuntimeError as exc:
-        raise VolumeError(path, _truncation(path) or f"unreadable image ({_last_line(exc)})") from None
+        raise VolumeError(path, size_problem(path) or f"unreadable image ({_last_line(exc)})") from None
     dim, size, components = reader.GetDimension(), reader.GetSize(), reader.GetNumberOfComponents()
     if dim == 4 and size[3] == 1:
         dim, size = 3, size[:3]
     if dim != 3 or components != 1 or size[2] < 2:
         raise VolumeError(path, f"not a 3D single-channel volume ({dim}D of size {tuple(size)}, "
                                 f"{components} component(s))")
-    truncated = _truncation(path)
+    truncated = size_problem(path)
     if truncated:
         raise VolumeError(path, truncated)
     return reader
@@ -362,7 +231,7 @@ def read_volume(path: str | Path, *, check_finite: bool = True) -> Volume:
     try:
         image = reader.Execute()
     except RuntimeError as exc:  # SimpleITK reports corrupt files as RuntimeError
-        raise VolumeError(path, _truncation(path) or f"unreadable image ({_last_line(exc)})") from None
+        raise VolumeError(path, size_problem(path) or f"unreadable image ({_last_line(exc)})") from None
     if image.GetDimension() == 4:  # a 4D NIfTI with a single volume along t (read_header checked) is 3D data
         image = image[:, :, :, 0]
     volume = Volume.from_sitk(image)
@@ -422,6 +291,7 @@ def read_metadata(path: str | Path) -> dict[str, str]:
 def write_volume(volume: Volume, path: str | Path, *, compress: bool = True) -> Path:
     """Write ``volume`` atomically (temporary file + rename) as NIfTI, NRRD or MHA, chosen by suffix.
 
+    A short write (full disk) is an error and leaves any earlier file at ``path`` as it was.
     NIfTI keeps its description in the 80-character ``descrip`` field: the ``ITK_FileNotes`` metadata entry, or
     ``"SYNTHETIC ..."`` when the volume is marked synthetic.
     """
@@ -440,6 +310,11 @@ def write_volume(volume: Volume, path: str | Path, *, compress: bool = True) -> 
     try:
         with atomic_path(path, suffix=suffix) as tmp:
             sitk.WriteImage(image, str(tmp), useCompression=compress)
+            # ITK's NIfTI writer only prints a short write (full disk, file size limit): check before the rename.
+            short = size_problem(tmp)
+            if short:
+                short = short.removeprefix("unreadable image (").removesuffix(")")
+                raise VolumeError(path, f"cannot write image (incomplete file, {short}; disk full?)")
     except RuntimeError as exc:
         raise VolumeError(path, f"cannot write image ({str(exc).strip().splitlines()[-1]})") from None
     return path

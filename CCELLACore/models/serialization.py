@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
+import logging
 import math
 import os
 import pickle
@@ -131,7 +133,8 @@ def load_weights_file(path: str | Path) -> Any:
         try:
             return load_file(str(path), device="cpu")
         except (SafetensorError, OSError, ValueError) as exc:
-            raise CCELLAError(f"{path}: not a readable safetensors file ({exc})") from None
+            raise CCELLAError(f"{path}: not a readable safetensors file ({_safetensors_truncation(path) or exc})") \
+                from None
     if suffix in _PICKLE_SUFFIXES:
         try:
             with warnings.catch_warnings():
@@ -146,8 +149,27 @@ def load_weights_file(path: str | Path) -> Any:
                 f"(torch.load weights_only=True failed: {first}). Convert it to .safetensors with a tool you trust."
             ) from None
         except (RuntimeError, EOFError, OSError, ValueError) as exc:
-            raise CCELLAError(f"{path}: not a readable PyTorch weights file ({str(exc).splitlines()[0]})") from None
+            raise CCELLAError(f"{path}: not a readable PyTorch weights file (truncated or corrupt: "
+                              f"{str(exc).splitlines()[0]})") from None
     raise CCELLAError(f"{path}: unknown weights file type '{suffix}'; expected one of {list(_WEIGHT_SUFFIXES)}")
+
+
+def _safetensors_truncation(path: Path) -> str | None:
+    """"truncated: ..." when the file is shorter than its header says (8-byte length, JSON header, tensor data)."""
+    size = path.stat().st_size
+    with open(path, "rb") as fh:
+        head = fh.read(8)
+        if len(head) < 8:
+            return f"truncated: expected at least 8 bytes, found {size}"
+        n = int.from_bytes(head, "little")
+        if 8 + n > size:  # a huge length is garbage, not a cut-off header (safetensors caps headers at 100 MB)
+            return f"truncated: expected at least {8 + n} bytes, found {size}" if n < 100_000_000 else None
+        try:
+            header = json.loads(fh.read(n))
+            end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+        except (ValueError, KeyError, TypeError, IndexError):
+            return None
+    return f"truncated: expected {8 + n + end} bytes, found {size}" if size < 8 + n + end else None
 
 
 def _is_tensor_mapping(obj: Any) -> bool:
@@ -391,6 +413,10 @@ def _find_weights(directory: Path, name: str, listed: Any) -> Path:
     raise CCELLAError(f"{path}: weights file of component '{name}' not found")
 
 
+#: What a model folder holds besides its weights files (the model card is README.md).
+_FOLDER_FILES = ("config.yaml", "model.json", "README.md")
+
+
 def load_model_dir(
     directory: str | Path,
     modules: Mapping[str, nn.Module] | None = None,
@@ -441,6 +467,9 @@ def load_model_dir(
         path = _find_weights(directory, name, listed)
         used_files.append(path)
         state_dicts[name] = load_state_dict_file(path)
+    extra = sorted(p.name for p in directory.iterdir() if p.name not in {*_FOLDER_FILES, *(f.name for f in used_files)})
+    if extra:
+        logging.getLogger(__name__).warning("%s: ignoring %s, not part of the model (never read)", directory, extra)
     if verify_hash and metadata.get("model_hash") is not None:
         actual = _hash_files(used_files)
         if actual != metadata["model_hash"]:

@@ -265,13 +265,19 @@ class TextEncoder:
                 f"{where}: not a Hugging Face transformers model folder (no config.json). The weights must be "
                 "supplied locally: a folder with config.json, tokenizer files and weights"
             )
+        for name in ("config.json", "tokenizer_config.json"):
+            if (folder / name).is_file() and "auto_map" in (folder / name).read_text(encoding="utf-8", errors="replace"):
+                raise TextEncoderError(
+                    f"{where}: {name} names custom code (auto_map), which is never run (no trust_remote_code); "
+                    "use a model that the standard transformers classes load"
+                )
         try:
-            config = AutoConfig.from_pretrained(folder, local_files_only=True)
+            config = AutoConfig.from_pretrained(folder, local_files_only=True, trust_remote_code=False)
         except (OSError, ValueError, KeyError) as exc:
             raise TextEncoderError(f"{where}: config.json is not a transformers model config ({exc})") from None
         try:
             tokenizer = AutoTokenizer.from_pretrained(
-                folder, local_files_only=True, truncation_side=cfg.truncation_side
+                folder, local_files_only=True, truncation_side=cfg.truncation_side, trust_remote_code=False
             )
         except (OSError, ValueError, KeyError, ImportError) as exc:
             raise TextEncoderError(f"{where}: cannot load the tokenizer from the folder's files ({exc})") from None
@@ -297,7 +303,7 @@ class TextEncoder:
             if config.model_type in ("t5", "mt5", "umt5"):
                 model = T5EncoderModel.from_pretrained(folder, local_files_only=True, **dtype_kw)
             else:
-                model = AutoModel.from_pretrained(folder, local_files_only=True, **dtype_kw)
+                model = AutoModel.from_pretrained(folder, local_files_only=True, trust_remote_code=False, **dtype_kw)
                 if getattr(config, "is_encoder_decoder", False):
                     model = model.get_encoder()
         except (OSError, ValueError, KeyError, RuntimeError) as exc:

@@ -146,6 +146,7 @@ def save_checkpoint(directory: str | Path, state: TrainingState) -> Path:
     Returns:
         The path of the new ``last`` folder.
     """
+    from safetensors import SafetensorError
     from safetensors.torch import save_file
 
     directory = Path(directory)
@@ -156,33 +157,37 @@ def save_checkpoint(directory: str | Path, state: TrainingState) -> Path:
         shutil.rmtree(stale, ignore_errors=True)
     tmp = Path(tempfile.mkdtemp(prefix=".tmp-ckpt-", dir=directory))
     try:
-        save_file(_flat({n: m.state_dict() for n, m in state.models.items()}), str(tmp / "models.safetensors"))
-        ema_meta = {}
-        if state.emas:
-            ema_states = {n: e.state_dict() for n, e in state.emas.items()}
-            save_file(_flat({n: s["shadow"] for n, s in ema_states.items()}), str(tmp / "ema.safetensors"))
-            ema_meta = {n: {k: s[k] for k in ("decay", "warmup", "num_updates")} for n, s in ema_states.items()}
-        torch.save(
-            {
-                "optimizers": {n: o.state_dict() for n, o in state.optimizers.items()},
-                "schedulers": {n: s.state_dict() for n, s in state.schedulers.items()},
-                "scaler": None if state.scaler is None else state.scaler.state_dict(),
-                "rng": get_rng_states(),
-                "generators": {n: g.get_state() for n, g in state.generators.items()},
-            },
-            tmp / "training.pt",
-        )
-        atomic_write_json(tmp / "state.json", {
-            "format_version": CHECKPOINT_FORMAT_VERSION,
-            "step": int(state.step),
-            "epoch": int(state.epoch),
-            "scale_factors": None if state.scale_factors is None else {k: float(v) for k, v in
-                                                                        state.scale_factors.items()},
-            "config_hash": state.config_hash,
-            "models": sorted(state.models),
-            "ema": ema_meta,
-            "extra": state.extra,
-        })
+        try:
+            save_file(_flat({n: m.state_dict() for n, m in state.models.items()}), str(tmp / "models.safetensors"))
+            ema_meta = {}
+            if state.emas:
+                ema_states = {n: e.state_dict() for n, e in state.emas.items()}
+                save_file(_flat({n: s["shadow"] for n, s in ema_states.items()}), str(tmp / "ema.safetensors"))
+                ema_meta = {n: {k: s[k] for k in ("decay", "warmup", "num_updates")} for n, s in ema_states.items()}
+            torch.save(
+                {
+                    "optimizers": {n: o.state_dict() for n, o in state.optimizers.items()},
+                    "schedulers": {n: s.state_dict() for n, s in state.schedulers.items()},
+                    "scaler": None if state.scaler is None else state.scaler.state_dict(),
+                    "rng": get_rng_states(),
+                    "generators": {n: g.get_state() for n, g in state.generators.items()},
+                },
+                tmp / "training.pt",
+            )
+            atomic_write_json(tmp / "state.json", {
+                "format_version": CHECKPOINT_FORMAT_VERSION,
+                "step": int(state.step),
+                "epoch": int(state.epoch),
+                "scale_factors": None if state.scale_factors is None else {k: float(v) for k, v in
+                                                                            state.scale_factors.items()},
+                "config_hash": state.config_hash,
+                "models": sorted(state.models),
+                "ema": ema_meta,
+                "extra": state.extra,
+            })
+        except (OSError, RuntimeError, SafetensorError) as exc:  # disk full, quota, file size limit
+            raise CCELLAError(f"{directory}: cannot write the checkpoint ({str(exc).strip().splitlines()[-1]}; disk "
+                              "full?); the last complete checkpoint is unchanged") from None
         last, previous = directory / LAST, directory / PREVIOUS
         if last.exists():
             if previous.exists():
@@ -212,7 +217,8 @@ def load_checkpoint(directory: str | Path, state: TrainingState, *, allow_config
 
     Raises:
         CCELLAError: no checkpoint; a different config hash (unless ``allow_config_change``); models, optimizers,
-            schedulers, EMAs or generators that do not match the saved ones (naming them).
+            schedulers, EMAs or generators that do not match the saved ones (naming them); an unreadable (truncated,
+            corrupt) file, naming it. Every file is read and checked before ``state`` is changed.
 
     Returns:
         The checkpoint folder used.
@@ -223,7 +229,16 @@ def load_checkpoint(directory: str | Path, state: TrainingState, *, allow_config
     folder = directory if (directory / "state.json").is_file() else find_checkpoint(directory)
     if folder is None:
         raise CCELLAError(f"{directory}: no complete checkpoint ('{LAST}' or '{PREVIOUS}' with state.json)")
-    meta = read_json(folder / "state.json")
+    def unreadable(exc: CCELLAError) -> CCELLAError:
+        other = folder.parent / PREVIOUS
+        if folder.name == LAST and (other / "state.json").is_file():
+            return CCELLAError(f"{exc}; the previous checkpoint {other} is complete: delete {folder} to resume from it")
+        return exc
+
+    try:
+        meta = read_json(folder / "state.json")
+    except CCELLAError as exc:
+        raise unreadable(exc) from None
     if meta.get("format_version") != CHECKPOINT_FORMAT_VERSION:
         raise CCELLAError(f"{folder / 'state.json'}: unsupported checkpoint format {meta.get('format_version')!r}")
     if state.config_hash and meta.get("config_hash") and meta["config_hash"] != state.config_hash \
@@ -235,11 +250,16 @@ def load_checkpoint(directory: str | Path, state: TrainingState, *, allow_config
         if set(saved) != set(live):
             raise CCELLAError(f"{folder}: checkpoint has {what} {sorted(saved)}, the job has {sorted(live)}")
 
-    models = _unflat(load_weights_file(folder / "models.safetensors"))
+    # Read and check every file before changing anything: a bad checkpoint leaves the live objects untouched.
+    try:
+        models = _unflat(load_weights_file(folder / "models.safetensors"))
+        training = load_weights_file(folder / "training.pt")  # torch.load(weights_only=True)
+        shadows = _unflat(load_weights_file(folder / "ema.safetensors")) if state.emas else {}
+    except CCELLAError as exc:
+        raise unreadable(exc) from None
     same_names(models, state.models, "models")
     for name, module in state.models.items():
         check_state_dict(models[name], module, source=folder / "models.safetensors", component=name)
-    training = load_weights_file(folder / "training.pt")  # torch.load(weights_only=True)
     same_names(training["optimizers"], state.optimizers, "optimizers")
     same_names(training["schedulers"], state.schedulers, "LR schedulers")
     same_names(training["generators"], state.generators, "generators")
@@ -257,7 +277,6 @@ def load_checkpoint(directory: str | Path, state: TrainingState, *, allow_config
     if state.scaler is not None:
         state.scaler.load_state_dict(training["scaler"])
     if state.emas:
-        shadows = _unflat(load_weights_file(folder / "ema.safetensors"))
         for name, ema in state.emas.items():
             ema.load_state_dict({**meta["ema"][name], "shadow": shadows[name]})
     for name, gen in state.generators.items():

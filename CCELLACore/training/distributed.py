@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-__all__ = ["DistributedContext", "init_distributed", "shard", "run_record"]
+__all__ = ["DistributedContext", "init_distributed", "shard", "run_record", "peer_failure"]
 
 
 @dataclass(frozen=True)
@@ -92,3 +92,22 @@ def print_run_end(model_dir: Path, run_dir: Path) -> None:
         print(f"model: {model_dir}; metrics: {Path(run_dir) / 'metrics.csv'}")
     else:
         print(f"stopped early; checkpoints in {Path(run_dir) / 'checkpoints'}: run the same command to continue")
+
+
+# What gloo and NCCL say when the other end of a collective has gone (died, killed, or its machine lost).
+_PEER_GONE = ("Connection reset by peer", "Connection closed by peer", "Broken pipe", "timed out", "Timed out",
+              "NCCL communicator was aborted", "ProcessGroupNCCL")
+
+
+def peer_failure(exc: BaseException) -> str | None:
+    """One line for the user when ``exc`` is a collective that failed because another process of this distributed
+    job died or stopped answering, else None. torchrun then stops every process (no hang); the checkpoints stay."""
+    if not isinstance(exc, RuntimeError) or int(os.environ.get("WORLD_SIZE", "1")) < 2:
+        return None
+    text = str(exc)
+    if not any(marker in text for marker in _PEER_GONE):
+        return None
+    first = next((line.strip() for line in text.splitlines() if line.strip()), type(exc).__name__)
+    return (f"rank {os.environ.get('RANK', '0')}: another process of this distributed job stopped or stopped "
+            f"answering ({first[:200]}); this process stops too. Run the same command again: it resumes from the "
+            "last checkpoint")

@@ -53,6 +53,9 @@ class ImportLog:
         self.summary = BatchSummary(job="import")
         self.summary.details.update({"layout": layout, "source": str(src), "warnings": []})
         self.check_images = check_images
+        # An archive's index names its files: none may lie outside the archive (a '../' or absolute path would make
+        # the import read, and later copy, any file on disk). The project's own manifest may point anywhere.
+        self.root = None if layout == "manifest" else (src if src.is_dir() else src.parent).resolve()
 
     def skip(self, case_id: str, reason: str) -> None:
         self.summary.skip(case_id, reason)
@@ -63,8 +66,11 @@ class ImportLog:
     def file_problem(self, path: Path) -> str | None:
         """Why ``path`` cannot be used as a volume (missing, unsupported, unreadable or not 3D), or ``None``.
 
-        Only existence is checked unless ``check_images``; then the header is read (no voxels).
+        Only existence is checked unless ``check_images``; then the header is read (no voxels). A file outside the
+        data root (an archive's folder) is refused unread.
         """
+        if self.root is not None and not Path(path).resolve().is_relative_to(self.root):
+            return f"{path}: outside the data root {self.root} ('../' or an absolute path in the index); not read"
         try:
             volume_format(path)
         except VolumeError as exc:

@@ -1,0 +1,140 @@
+"""Crashes (RELIABILITY.md): train-ldm killed with SIGKILL between two checkpoints resumes to exactly the result of
+the uninterrupted run; a full disk (the process's file-size limit) during a write leaves the earlier files intact."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file
+
+from CCELLACore.data.volume import Volume, read_volume, write_volume
+from CCELLACore.settings import load_config
+from CCELLACore.training.checkpoint import load_checkpoint, save_checkpoint
+from CCELLACore.training.ldm import train_ldm
+from test_reliability_inputs import _job, snapshot
+
+REPO = Path(__file__).resolve().parents[2]
+ENV = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+
+
+def train_rows(run: Path) -> dict[int, dict[str, float]]:
+    """Per-step training values of a run's metrics.csv (loss terms, LR, gradient norm)."""
+    with (run / "metrics.csv").open(encoding="utf-8", newline="") as f:
+        return {int(r["step"]): {k: float(v) for k, v in r.items() if v and not k.startswith("val_") and k != "step"}
+                for r in csv.DictReader(f) if r.get("train_total")}
+
+
+def optimizer_state(run: Path) -> dict:
+    return torch.load(run / "checkpoints" / "last" / "training.pt", weights_only=True)["optimizers"]["adamw"]
+
+
+def wait_for_step(process: subprocess.Popen, run: Path, step: int, timeout: float = 300) -> int:
+    """Poll the run's metrics until a training row at ``step`` or later is logged; the last logged step."""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end and process.poll() is None:
+        try:
+            logged = max(train_rows(run), default=0)
+        except (OSError, ValueError, KeyError):  # the file is being created or a row half written
+            logged = 0
+        if logged >= step:
+            return logged
+        time.sleep(0.01)
+    raise AssertionError(f"the run did not reach step {step} (exit code {process.poll()})")
+
+
+def test_ldm_sigkill_between_checkpoints_resumes_to_the_uninterrupted_result(data, trained, tmp_path):
+    """tiny: 6 steps, checkpoints at 3 and 6. Killed once step 4 is logged, the run restarts from step 3, redoes step
+    4 and ends with the per-step losses, optimiser state and weights of the run that was never interrupted."""
+    run = tmp_path / "run"
+    cmd = [sys.executable, "-m", "CCELLACore.cli", "train-ldm", "--config", "tiny", "--manifest",
+           str(data / "prep" / "manifest.csv"), "--autoencoder", str(data / "ae"), "--out", str(run), "--device",
+           "cpu", "--no-progress"]
+    process = subprocess.Popen(cmd, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        logged = wait_for_step(process, run, 4)
+        process.send_signal(signal.SIGKILL)
+    finally:
+        process.kill()
+        process.communicate(timeout=60)
+    assert process.returncode == -signal.SIGKILL
+    state = json.loads((run / "checkpoints" / "last" / "state.json").read_text(encoding="utf-8"))
+    assert state["step"] == 3 < logged < 6, (state["step"], logged)  # killed between two checkpoints
+    assert not (run / "model").exists()
+
+    resumed = train_ldm(load_config("tiny"), data / "prep" / "manifest.csv", data / "ae", run, device="cpu",
+                        progress=False)
+    assert train_rows(run) == train_rows(trained.parent)  # every step's loss terms, LR and gradient norm
+    straight, again = optimizer_state(trained.parent), optimizer_state(run)
+    assert straight["state"].keys() == again["state"].keys()
+    for k, values in straight["state"].items():
+        for name, value in values.items():
+            assert torch.equal(value, again["state"][k][name]), (k, name)
+    full, other = load_file(str(trained / "ldm.safetensors")), load_file(str(resumed / "ldm.safetensors"))
+    assert full.keys() == other.keys() and all(torch.equal(full[k], other[k]) for k in full)
+    # Nothing half-written is left to be taken for a result: no temporary checkpoint folder or file remains.
+    assert not [p for p in run.rglob(".tmp-*")], list(run.rglob(".tmp-*"))
+
+
+FULL_DISK = r"""
+import json, resource, signal, sys
+from pathlib import Path
+import numpy as np, torch
+from CCELLACore.data.volume import Volume, write_volume
+from CCELLACore.errors import CCELLAError
+from CCELLACore.fileio import atomic_write_text
+from CCELLACore.training.checkpoint import TrainingState, load_checkpoint, save_checkpoint
+from CCELLACore.training.ema import EMA
+
+folder = Path(sys.argv[1])
+model = torch.nn.Linear(8, 4)  # as test_reliability_inputs._job builds it
+state = TrainingState(models={"net": model}, optimizers={"adamw": torch.optim.AdamW(model.parameters())},
+                      emas={"net": EMA(model, decay=0.9)}, config_hash="same")
+load_checkpoint(folder / "ckpt", state)
+with torch.no_grad():
+    state.models["net"].weight.add_(1.0)
+state.step += 1
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG, as on a full disk
+resource.setrlimit(resource.RLIMIT_FSIZE, (3000, resource.RLIM_INFINITY))
+errors = {}
+for name, write in (("checkpoint", lambda: save_checkpoint(folder / "ckpt", state)),
+                    ("volume", lambda: write_volume(Volume(np.ones((32, 32, 16), np.float32)), folder / "t2.nii")),
+                    ("text", lambda: atomic_write_text(folder / "notes.txt", "y" * 10_000))):
+    try:
+        write()
+        errors[name] = None
+    except (CCELLAError, OSError) as exc:
+        errors[name] = f"{type(exc).__name__}: {exc}"
+print(json.dumps(errors))
+"""
+
+
+def test_full_disk_during_writes_keeps_the_previous_files(tmp_path):
+    state = _job(1)
+    state.step = 1
+    save_checkpoint(tmp_path / "ckpt", state)
+    write_volume(Volume(np.zeros((8, 8, 4), np.float32)), tmp_path / "t2.nii")
+    (tmp_path / "notes.txt").write_text("earlier", encoding="utf-8")
+    before = snapshot(tmp_path)
+    done = subprocess.run([sys.executable, "-c", FULL_DISK, str(tmp_path)], env=ENV,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    errors = json.loads(done.stdout.strip().splitlines()[-1])
+    assert errors["checkpoint"].startswith(f"CCELLAError: {tmp_path / 'ckpt'}: cannot write the checkpoint")
+    assert errors["checkpoint"].endswith("disk full?); the last complete checkpoint is unchanged")
+    # ITK's NIfTI writer only prints a short write; the check before the rename turns it into an error.
+    assert errors["volume"].startswith(f"VolumeError: {tmp_path / 't2.nii'}: cannot write image (incomplete file")
+    assert "File too large" in errors["text"]
+    assert snapshot(tmp_path) == before  # no new, partial or temporary file anywhere
+    again = _job(5)
+    load_checkpoint(tmp_path / "ckpt", again)
+    assert again.step == 1 and torch.equal(again.models["net"].weight, state.models["net"].weight)
+    assert np.array_equal(read_volume(tmp_path / "t2.nii").array, np.zeros((8, 8, 4), np.float32))
