@@ -4,7 +4,7 @@ The adapter turns text-encoder token features of a report into a fixed number of
 cross-attention and predicts the exam class (csPCa negative / positive) from the same latents. Its class
 probabilities condition the U-Net, so the class head learns from the denoising loss as well as from the class loss.
 
-Differences from the reference (`text_ldm.py`, see reference section 9):
+Differences from the authors' code (`text_ldm.py`):
 
 - the text padding mask is honoured (the reference attends to up to 511 padding tokens);
 - each class head works on mean-pooled latents, ``Linear(width, class_hidden)-ReLU-Linear(class_hidden,

@@ -2,7 +2,7 @@
 
 CCELLA++ encodes AxT2, HighB and ADC separately with NVIDIA's MAISI autoencoder (4x downsampling per axis) and
 concatenates the three 4-channel latents into the 12-channel latent the diffusion U-Net works on. Two fixes against
-the reference code (reference section 9, item 5):
+the authors' code:
 
 - latents are the posterior **mean** ``mu``, not one stochastic sample ``mu + sigma * eps`` fixed once;
 - the latent scale factors (``1/std`` per sequence) come from the whole training set (:class:`LatentStats`,

@@ -2,10 +2,10 @@
 
 The adapter reads the report's token features and predicts the exam class; the U-Net is conditioned on the adapter's
 context (cross-attention) and on its class probabilities (embedding), never on the true label, so the denoising loss
-also trains the class head (reference section 3).
+also trains the class head (as in the authors' code; docs/paper.md).
 
 For classifier-free guidance, :func:`condition_dropout` replaces a random part of a batch with the null condition
-(the empty-report encoding, decisions.md "Reports"); those items, like exams without a report, are masked out of the
+(the empty-report encoding, docs/design.md "Reports, the null condition and privacy"); those items, like exams without a report, are masked out of the
 class loss.
 """
 

@@ -1,10 +1,10 @@
 """Joint training loss of the CCELLA LDM: L1 denoising loss + weighted focal loss on the adapter's class logits.
 
-Reference (`diff_model_train_all.py`, reference section 4): ``L1(eps_pred, eps) + 1e-4 * focal``, where the focal
+The authors' code (`diff_model_train_all.py`): ``L1(eps_pred, eps) + 1e-4 * focal``, where the focal
 target is the one-hot label **x100** (its x100 conditioning transform also hit the label). MONAI's softmax focal loss,
 ``-alpha_c (1 - p_c)^gamma log(p_c) * target_c``, is linear in the target (the focusing factor depends on the
 prediction only), so that is exactly ``1e-2 * focal(one-hot)``. The ``paper`` weight is therefore 1e-2 on a one-hot
-target: the same objective, written plainly (decisions.md, "Reproducing the paper's loss balance").
+target: the same objective, written plainly (docs/paper.md, "The class loss weight").
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Classifier-free guidance (Ho & Salimans 2022) with the conditional and unconditional passes in ONE forward.
 
-The null condition (decisions.md, "Reports") is the empty-report encoding; spacing is always given. Both halves are
+The null condition (docs/design.md, "Reports, the null condition and privacy") is the empty-report encoding; spacing is always given. Both halves are
 concatenated along the batch, so a guided step costs one U-Net call of batch 2B instead of two calls of batch B;
 with ``scale == 1`` only the conditional pass runs.
 """

@@ -57,7 +57,7 @@ __all__ = [
     "sample",
 ]
 
-#: Samplers each training objective supports (decisions.md, "Training objective and samplers").
+#: Samplers each training objective supports (docs/design.md, "Training objective and samplers").
 SUPPORTED_SAMPLERS: dict[str, tuple[str, ...]] = {
     "epsilon": ("ddpm", "ddim", "dpm-solver++"),
     "velocity": ("rflow",),

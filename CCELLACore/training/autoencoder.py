@@ -10,7 +10,7 @@ Several GPUs (DDP; NCCL on GPUs, gloo on CPUs)::
 
 Every sequence (AxT2, HighB, ADC) of every training exam is one single-channel sample, as in CCELLA++, where the one
 autoencoder encodes each sequence separately. The objective follows MAISI's VAE training except for the perceptual
-term, for which no pretrained network can be downloaded (decisions.md): L1 + SSIM + KL, plus MONAI's
+term, whose pretrained network nothing here may download (weights come only from local files): L1 + SSIM + KL, plus MONAI's
 ``PatchDiscriminator`` with a least-squares ``PatchAdversarialLoss`` when ``adversarial_weight > 0``.
 
 The data are read into memory once (a tiny or demo grid: 32x32x16 or 64x64x32 voxels, a few MB per exam); the sample

@@ -172,7 +172,7 @@ def classifier_status(model_dir: str | Path | None) -> tuple[bool, str]:
     """Whether Classify can run, and a sentence saying why not (or what will run).
 
     Checks that this CCELLACore has ``ccella classify`` and that ``model_dir`` is a classifier model folder
-    (a folder holding ``.safetensors`` weights).
+    (a folder holding ``.safetensors`` weights); no folder = the bundled demo classifier where it exists.
     """
     from CCELLACore.cli import COMMANDS
 
@@ -180,7 +180,12 @@ def classifier_status(model_dir: str | Path | None) -> tuple[bool, str]:
         return False, ("No classifier yet: this CCELLACore has no 'ccella classify' command, and no classifier "
                        "model ships with the extension. Generation works without it.")
     if not model_dir:
-        return False, "No classifier model: choose a classifier model folder (from 'ccella train-classifier')."
+        from CCELLACore.classifier.classify_cli import DEFAULT_MODEL
+
+        if not DEFAULT_MODEL.is_dir():
+            return False, ("No classifier model: choose a classifier model folder (from 'ccella train-classifier'); "
+                           "this checkout has no bundled demo classifier (Training/build_demo_classifier.sh).")
+        model_dir = DEFAULT_MODEL
     path = Path(model_dir)
     if not path.is_dir():
         return False, f"Classifier model folder not found: {path}"
@@ -189,12 +194,13 @@ def classifier_status(model_dir: str | Path | None) -> tuple[bool, str]:
     return True, f"Classifier: {path.name}"
 
 
-def classify_command(inputs: dict[str, Path], model_dir: str | Path, out_dir: Path) -> list[str]:
-    """``ccella classify --axt2 F --highb F --adc F --out DIR --model DIR`` through the current interpreter."""
+def classify_command(inputs: dict[str, Path], model_dir: str | Path | None, out_dir: Path) -> list[str]:
+    """``ccella classify --axt2 F --highb F --adc F --out DIR [--model DIR]`` through the current interpreter (no
+    model: classify's default, the bundled demo classifier)."""
     command = [*python_command(), "-m", "CCELLACore.cli", "classify"]
     for role in SEQUENCES:
         command += [f"--{role.lower()}", str(inputs[role])]
-    return command + ["--out", str(out_dir), "--model", str(model_dir)]
+    return command + ["--out", str(out_dir)] + (["--model", str(model_dir)] if model_dir else [])
 
 
 @dataclass

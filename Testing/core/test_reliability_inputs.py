@@ -19,7 +19,8 @@ from torch import nn
 from CCELLACore.cli import main
 from CCELLACore.data.layouts import export_layout, import_layout
 from CCELLACore.data.manifest import read_manifest, write_manifest
-from CCELLACore.data.preprocess import PreprocessConfig, preprocess_manifest
+from CCELLACore.data.preprocess import PreprocessConfig
+from CCELLACore.data.preprocess_batch import preprocess_manifest
 from CCELLACore.data.study import Study
 from CCELLACore.data.volume import Volume, read_header, read_volume, write_volume
 from CCELLACore.errors import CCELLAError, VolumeError

@@ -1,6 +1,6 @@
 """Generate / Classify logic against a real MRML scene (slicer-core): generated volumes in the scene match the
 files the child wrote, attributes are set, exams stack up, Save round-trips, and Classify's scene side (export,
-classification.json + saliency, errors) works with files written here (no classifier model ships yet)."""
+classification.json + saliency, errors) works with files written here."""
 
 from __future__ import annotations
 
@@ -188,15 +188,17 @@ def test_classification_json_errors_name_file_and_key(tmp_path):
 def test_classify_says_plainly_what_is_missing(tmp_path):
     from CCELLACore.cli import COMMANDS
 
+    from CCELLACore.classifier.classify_cli import DEFAULT_MODEL
+
     ok, message = classifier_status(None)
-    assert not ok
+    assert ok == ("classify" in COMMANDS and DEFAULT_MODEL.is_dir())
     if "classify" not in COMMANDS:
         assert "no 'ccella classify' command" in message
         nodes = exam_to_scene(_oblique_exam(), "c", synthetic=False)
         with pytest.raises(CCELLAError, match="No classifier yet"):
             JobSceneLogic().startClassification(nodes, tmp_path)
-    else:  # once issue 17 lands: the folder is checked
-        assert "choose a classifier model folder" in message
+    else:  # no folder = the bundled demo classifier, where this checkout has one; a given folder is checked
+        assert message == "Classifier: demo_classifier" if ok else "choose a classifier model folder" in message
         assert "not found" in classifier_status(tmp_path / "none")[1]
         assert "no .safetensors" in classifier_status(tmp_path)[1]
 

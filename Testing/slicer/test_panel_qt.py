@@ -138,9 +138,9 @@ def test_buttons_follow_the_inputs(panel):
     assert not ui.generateButton.isEnabled() and "model folder not found" in ui.modelInfoLabel.text()
     panel.onUseDemoModel()
     assert ui.generateButton.isEnabled()
-    # Classify: no classifier model -> disabled, with a plain message.
+    # Classify: no volumes chosen -> disabled; the status names the bundled classifier, or says plainly there is none.
     assert not ui.classifyButton.isEnabled()
-    assert ui.classifierStatusLabel.text().startswith(("No classifier", "Classifier model folder"))
+    assert ui.classifierStatusLabel.text().startswith(("No classifier", "Classifier: demo_classifier"))
     assert ui.deviceStatusLabel.text()
 
 
