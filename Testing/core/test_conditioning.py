@@ -101,7 +101,7 @@ def test_latent_cache_holds_lesion_fractions(trained, data):
     for study in studies:
         saved = load_file(str(cache / f"{study.case_id}.safetensors"))
         lesion = read_volume(study.masks["lesion"]).array > 0
-        fraction = saved["lesion"]
+        fraction = saved["lesion"].float()  # stored as float16; k/64 fractions are exact in it, their sum is not
         assert fraction.shape == (1, *saved["latent"].shape[1:])
         assert torch.allclose(fraction.sum() * 64, torch.tensor(float(lesion.sum())), atol=1e-3)
         checked += bool(lesion.any())
