@@ -202,3 +202,17 @@ def test_fine_tuning_starts_from_the_given_model(data, trained, tmp_path):
     assert meta["training_data"]["institution"] == "1"
     with pytest.raises(DataError, match="institution 2"):
         train_classifier(config, data / "split.csv", tmp_path / "none", institution=2, device="cpu", progress=False)
+
+
+def test_the_shipped_demo_classifier_classifies_out_of_the_box(tmp_path):
+    """No --model: classify uses CCELLACore/demo_classifier (at most 10 MB, float16), on an exam of another geometry."""
+    from CCELLACore.classifier.classify_cli import DEFAULT_MODEL
+
+    assert sum(p.stat().st_size for p in DEFAULT_MODEL.iterdir()) < 10 * 2**20
+    files = _inst2_exam(tmp_path)
+    assert main(["classify", "--study", str(tmp_path / "inst2"), "--out", str(tmp_path / "res"), "--device", "cpu"]) == 0
+    result = json.loads((tmp_path / "res" / "classification.json").read_text())
+    assert 0.0 <= result["probability"] <= 1.0
+    assert result["model"]["name"] == "ccella-demo-classifier"
+    assert result["model"]["hash"] == model_hash(DEFAULT_MODEL)
+    assert read_volume(tmp_path / "res" / "saliency.nii.gz").same_grid(read_volume(files["AxT2"]))
