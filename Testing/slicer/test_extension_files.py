@@ -132,6 +132,7 @@ def test_top_level_cmakelists():
 def test_ccellacore_is_installed_next_to_scripted_modules():
     text = (REPO / "CMakeLists.txt").read_text(encoding="utf-8")
     assert "CCELLACore/*.py" in text and "CCELLACore/configs/*.yaml" in text and "CCELLACore/demo_model/*" in text
+    assert "CCELLACore/demo_classifier/*" in text
     assert "INSTALL_DIR ${Slicer_INSTALL_QTSCRIPTEDMODULES_LIB_DIR}" in text
     assert "DESTINATION_DIR ${CMAKE_BINARY_DIR}/${Slicer_QTSCRIPTEDMODULES_LIB_DIR}" in text
     # Data files the globs do not cover would be missing in Slicer.
@@ -140,7 +141,7 @@ def test_ccellacore_is_installed_next_to_scripted_modules():
         for p in (REPO / "CCELLACore").rglob("*")
         if p.is_file() and "__pycache__" not in p.parts and p.suffix != ".py"
         and not (p.parent == REPO / "CCELLACore" / "configs" and p.suffix == ".yaml")
-        and p.parent != REPO / "CCELLACore" / "demo_model"
+        and p.parent not in (REPO / "CCELLACore" / "demo_model", REPO / "CCELLACore" / "demo_classifier")
     ]
     assert not uncovered, f"add these to CCELLACore_PYTHON_RESOURCES in CMakeLists.txt: {uncovered}"
 
