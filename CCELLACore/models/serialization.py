@@ -40,7 +40,7 @@ from torch import nn
 
 from ..config import dump_yaml, from_dict, load_yaml, to_dict
 from ..errors import CCELLAError, ConfigError
-from ..fileio import atomic_write_json, atomic_write_text, default_mode, read_json
+from ..fileio import atomic_path, atomic_write_json, atomic_write_text, default_mode, read_json
 
 __all__ = [
     "FORMAT_VERSION",
@@ -51,6 +51,7 @@ __all__ = [
     "unwrap_state_dict",
     "check_state_dict",
     "save_model_dir",
+    "add_component",
     "read_model_config",
     "load_model_dir",
     "model_hash",
@@ -386,6 +387,21 @@ def save_model_dir(
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return directory
+
+
+def add_component(directory: str | Path, name: str, module: nn.Module, record: Mapping[str, Any] | None = None) -> None:
+    """Add (or replace) component ``name`` of an existing model directory: ``<name>.safetensors`` is written first,
+    then ``model.json`` with the component listed, ``model_hash`` recomputed and ``record`` stored under ``name``
+    (each file atomically, so a crash leaves the old model.json naming only complete files)."""
+    directory = Path(directory)
+    meta_path = _inside(directory, "model.json", "model.json")
+    metadata = read_json(meta_path)
+    components = {**metadata["components"], name: f"{name}.safetensors"}
+    with atomic_path(_inside(directory, components[name], f"model.json: components.{name}"), ".safetensors") as tmp:
+        _write_safetensors(module, tmp, name)
+    files = [_inside(directory, f, f"model.json: components.{n}") for n, f in components.items()]
+    metadata.update(components=components, model_hash=_hash_files(files), **({name: dict(record)} if record else {}))
+    atomic_write_json(meta_path, metadata)
 
 
 def read_model_config(directory: str | Path) -> dict[str, Any]:

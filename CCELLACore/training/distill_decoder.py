@@ -24,10 +24,10 @@ import torch
 
 from ..config import from_dict
 from ..errors import CCELLAError, DataError
-from ..fileio import atomic_path, atomic_write_json, read_json
+from ..fileio import atomic_write_json
 from ..models.autoencoder import AutoencoderConfig, build_autoencoder
 from ..models.light_decoder import (LIGHT_COMPONENT, LightDecoder, LightDecoderConfig, SequenceCodec, light_record)
-from ..models.serialization import _hash_files, _inside, _write_safetensors, load_model_dir, read_model_config
+from ..models.serialization import add_component, load_model_dir, read_model_config
 from ..precision import autocast_context, describe_device, training_dtype
 from .checkpoint import TrainingState, config_hash, find_checkpoint, load_checkpoint, save_checkpoint
 
@@ -143,19 +143,6 @@ def decoder_agreement(teacher_decode, student_decode, latents: torch.Tensor) -> 
             "full_decode_s": round(seconds["teacher"] / n, 4), "light_decode_s": round(seconds["student"] / n, 4)}
 
 
-def _write_into_model(model_dir: Path, student: LightDecoder, record: dict[str, Any]) -> None:
-    """Add the student as the ``light_decoder`` component: weights file first, then model.json (hash updated)."""
-    meta_path = _inside(model_dir, "model.json", "model.json")
-    metadata = read_json(meta_path)
-    components = dict(metadata["components"])
-    components[LIGHT_COMPONENT] = f"{LIGHT_COMPONENT}.safetensors"
-    with atomic_path(_inside(model_dir, components[LIGHT_COMPONENT], "light decoder"), ".safetensors") as tmp:
-        _write_safetensors(student, tmp, LIGHT_COMPONENT)
-    files = [_inside(model_dir, f, f"model.json: components.{n}") for n, f in components.items()]
-    metadata.update(components=components, model_hash=_hash_files(files), **{LIGHT_COMPONENT: record})
-    atomic_write_json(meta_path, metadata)
-
-
 def distill_decoder(model_dir: str | Path, manifest_path: str | Path, work_dir: str | Path,
                     cfg: DistillConfig = DistillConfig(), *, device: str = "auto", stop_after: int | None = None,
                     progress: bool = True) -> dict[str, Any] | None:
@@ -221,7 +208,7 @@ def distill_decoder(model_dir: str | Path, manifest_path: str | Path, work_dir: 
     quality = decoder_agreement(full.decode, light.decode, held)
     quality.update(held_out_exams=n_held, training_exams=n_train, steps=cfg.steps, machine=describe_device(dev))
     record = light_record(light_cfg, quality)
-    _write_into_model(model_dir, student, record)
+    add_component(model_dir, LIGHT_COMPONENT, student, record)
     atomic_write_json(work_dir / "distill.json", record)
     return record
 

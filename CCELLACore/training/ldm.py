@@ -401,7 +401,8 @@ def _initialise(model: CCELLALDM, init: str | Path, autoencoder_dir: str | Path,
         logger.info("initialised from %s%s", init, f" (zero-initialised new inputs of {', '.join(grown)})"
                     if grown else "")
     factors = meta.get("latent_scale_factors")
-    return model_hash(init), ({s: float(factors[s]) for s in sequences} if factors else None)
+    # load_model_dir has checked the files against the recorded hash; hash them only where none is recorded.
+    return meta.get("model_hash") or model_hash(init), ({s: float(factors[s]) for s in sequences} if factors else None)
 
 
 def _resume_relevant(config, cfg: LDMTrainingConfig, institution: str | None = None):
