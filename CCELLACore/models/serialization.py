@@ -55,6 +55,7 @@ __all__ = [
     "read_model_config",
     "load_model_dir",
     "model_hash",
+    "component_hash",
 ]
 
 #: Version of the model-directory layout written by :func:`save_model_dir`.
@@ -305,6 +306,20 @@ def model_hash(directory: str | Path) -> str:
         if not path.is_file():
             raise CCELLAError(f"{path}: weights file listed in {meta_path.name} not found")
     return _hash_files(files)
+
+
+def component_hash(directory: str | Path, name: str) -> str:
+    """SHA-256 of one component's weights file, computed as :func:`model_hash` computes it for a folder holding only
+    that component, so an autoencoder folder and a full model embedding the same autoencoder hash alike."""
+    directory = Path(directory)
+    meta_path = _inside(directory, "model.json", "model.json")
+    components = read_json(meta_path).get("components") if meta_path.is_file() else None
+    if not isinstance(components, Mapping) or name not in components:
+        raise CCELLAError(f"{directory}: model.json lists no component '{name}'")
+    path = _inside(directory, components[name], f"model.json: components.{name}")
+    if not path.is_file():
+        raise CCELLAError(f"{path}: weights file listed in {meta_path.name} not found")
+    return _hash_files([path])
 
 
 def _write_safetensors(module: nn.Module, path: Path, component: str) -> None:

@@ -228,7 +228,7 @@ def train_ldm(
 
     from ..models.autoencoder import load_autoencoder_dir
     from ..models.encode_cli import EncodingCache, encode_manifest
-    from ..models.serialization import ModelMetadata, model_hash, save_model_dir
+    from ..models.serialization import ModelMetadata, component_hash, save_model_dir
 
     cfg: LDMTrainingConfig = config.train_ldm
     if max_steps is not None:
@@ -375,7 +375,8 @@ def train_ldm(
             grid_size=tuple(grid.size),
             spacing=tuple(float(s) for s in train.spacing.median(0).values.tolist()),
             text_encoder=config.text_encoder.name_or_path,
-            extra={"steps": state.step, "train_exams": len(train), "autoencoder_hash": model_hash(autoencoder_dir),
+            extra={"steps": state.step, "train_exams": len(train),
+                   "autoencoder_hash": component_hash(autoencoder_dir, "autoencoder"),
                    "max_tokens": max_tokens, "steps_per_epoch": steps_per_epoch, "initialised_from": init_hash,
                    **run_record(ctx, cfg.batch_size, institution)},
         )
@@ -388,12 +389,12 @@ def train_ldm(
 def _initialise(model: CCELLALDM, init: str | Path, autoencoder_dir: str | Path, sequences, verbose: bool):
     """Start ``model`` from the LDM weights of model directory ``init``; returns (its hash, its scale factors)."""
     from ..models.ldm import load_grown_state
-    from ..models.serialization import load_model_dir, model_hash
+    from ..models.serialization import component_hash, load_model_dir, model_hash
 
     _, meta, states = load_model_dir(init)
     if "ldm" not in states:
         raise ConfigError(f"{init}: not a CCELLA++ diffusion model (no 'ldm' component)", key="--init")
-    if meta.get("extra", {}).get("autoencoder_hash") not in (None, model_hash(autoencoder_dir)):
+    if meta.get("extra", {}).get("autoencoder_hash") not in (None, component_hash(autoencoder_dir, "autoencoder")):
         raise ConfigError(f"{init} was trained on the latents of another autoencoder than {autoencoder_dir}",
                           key="--init")
     grown = load_grown_state(model, states["ldm"], str(init))

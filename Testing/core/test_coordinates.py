@@ -85,7 +85,8 @@ def test_overrides_set_nested_keys_and_name_bad_ones():
 
 def test_train_ldm_init_fine_tunes_a_model_into_one_with_coordinates(data, trained, tmp_path):
     config = load_config("tiny", ["ldm.unet.coordinate_channels=3"])
-    model_dir = train_ldm(config, data / "prep" / "manifest.csv", data / "ae", tmp_path / "run", device="cpu",
+    # The autoencoder embedded in the initial model folder is the one it was trained on.
+    model_dir = train_ldm(config, data / "prep" / "manifest.csv", trained, tmp_path / "run", device="cpu",
                           max_steps=2, progress=False, init=trained)
     meta = json.loads((model_dir / "model.json").read_text())
     base = json.loads((trained / "model.json").read_text())
