@@ -257,10 +257,18 @@ def _run_cell(cell: Cell, config: StudyConfig, data: StudyData, subsets, out: Pa
               "auc": metrics["auc"], "ap": metrics["ap"], "seconds": round(time.time() - started, 1),
               "test": {"case_ids": case_ids, "labels": labels, "scores": scores}}
     atomic_write_json(out / "cells" / f"{cell.key}.json", result)
-    shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)  # large; the model folder is what is kept
-    if cell.fraction > 0 and not config.keep_models:
-        shutil.rmtree(model_dir, ignore_errors=True)
+    _tidy(cell, config, out)
     return result
+
+
+def _tidy(cell: Cell, config: StudyConfig, out: Path) -> None:
+    """Remove a finished cell's checkpoints (large; the model folder is what is kept) and, for fine-tuning cells,
+    its model unless ``keep_models``. Idempotent: a study killed between a cell's result and this is tidied when it
+    runs again."""
+    run_dir = out / "runs" / cell.key
+    shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
+    if cell.fraction > 0 and not config.keep_models:
+        shutil.rmtree(run_dir / "model", ignore_errors=True)
 
 
 def _cost(cell: Cell, config: StudyConfig, data: StudyData, subsets) -> float:
@@ -299,6 +307,9 @@ def run_study(config: StudyConfig, out: str | Path, *, device: str = "auto", pro
     subsets = write_subsets(config, data, out)
     cells = plan_cells(config)
     done = {c.key for c in cells if (out / "cells" / f"{c.key}.json").is_file()}
+    for cell in cells:
+        if cell.key in done:
+            _tidy(cell, config, out)
     costs = {c.key: _cost(c, config, data, subsets) for c in cells}
     todo = [c for c in cells if c.key not in done]
     logger.info("domain-adaptation: %d cells, %d done, %d to run; %d Institution-2 test exams",
