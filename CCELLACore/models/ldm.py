@@ -17,14 +17,16 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from .adapter import AdapterConfig, CCELLAAdapter
+from .adapter import AdapterConfig, CCELLAAdapter, ClassHead
 from .text_encoder import pad_tokens
-from .unet import CCELLAUNet, UNetConfig
+from .unet import SIDES, CCELLAUNet, UNetConfig
 
 __all__ = ["LDMConfig", "LDMOutput", "CCELLALDM", "ConditionDropout", "condition_dropout", "load_grown_state"]
 
 #: The U-Net input convolution: the one tensor allowed to grow when a model starts from a smaller one.
 _INPUT_CONV = "unet.conv_in.conv.weight"
+#: Heads a grown model may add (they start from their initialisation).
+_NEW_HEADS = ("side_head.",)
 
 
 @dataclass(frozen=True)
@@ -52,11 +54,14 @@ class LDMConfig:
 
 
 class LDMOutput(NamedTuple):
-    """prediction: (B, C, X, Y, Z); class_logits: (B, num_classes); class_probs: softmax of the logits."""
+    """prediction: (B, C, X, Y, Z); class_logits: (B, num_classes); class_probs: softmax of the logits;
+    side_logits: (B, 3) logits of the report's lesion side (:data:`~CCELLACore.models.unet.SIDES`), None without
+    ``unet.side_map``."""
 
     prediction: torch.Tensor
     class_logits: torch.Tensor
     class_probs: torch.Tensor
+    side_logits: torch.Tensor | None = None
 
 
 class CCELLALDM(nn.Module):
@@ -72,6 +77,10 @@ class CCELLALDM(nn.Module):
         self.config = config = config or LDMConfig()
         self.adapter = CCELLAAdapter(config.adapter)
         self.unet = CCELLAUNet(config.unet)
+        if config.unet.side_map:
+            # Reads the adapter's context as the class heads read their latents; trained by the side loss
+            # (LossConfig.side_loss_weight) and, through the U-Net's side map, by the denoising loss.
+            self.side_head = ClassHead(config.adapter.width, config.adapter.class_hidden, len(SIDES))
 
     def forward(
         self,
@@ -98,8 +107,12 @@ class CCELLALDM(nn.Module):
         context, logits = self.adapter(text_features, text_mask, timesteps)
         # softmax in float32: the probabilities are scaled by 100 before the U-Net's class layer
         probs = torch.softmax(logits.float(), dim=-1).to(logits.dtype)
-        prediction = self.unet(x, timesteps, context, probs, spacing)
-        return LDMOutput(prediction, logits, probs)
+        side_logits = side_probs = None
+        if self.config.unet.side_map:
+            side_logits = self.side_head(context)
+            side_probs = torch.softmax(side_logits.float(), dim=-1).to(side_logits.dtype)
+        prediction = self.unet(x, timesteps, context, probs, spacing, side_probs)
+        return LDMOutput(prediction, logits, probs, side_logits)
 
 
 class ConditionDropout(NamedTuple):
@@ -162,9 +175,10 @@ def condition_dropout(
 
 def load_grown_state(model: CCELLALDM, state: dict[str, torch.Tensor], source: str) -> list[str]:
     """Load ``state`` (another CCELLA LDM's weights) into ``model``, which may take MORE input channels (coordinate
-    maps, :class:`~CCELLACore.models.unet.UNetConfig` ``coordinate_channels``): the input convolution's new channels
-    start at zero, so the grown model computes exactly what ``state``'s model computed and training learns to use
-    the new inputs. Every other tensor must match. Returns the names of the grown tensors.
+    maps, the side map: :class:`~CCELLACore.models.unet.UNetConfig` ``coordinate_channels``, ``side_map``): the
+    input convolution's new channels start at zero, so the grown model computes exactly what ``state``'s model
+    computed and training learns to use the new inputs; a side head ``state`` lacks keeps its initial weights.
+    Every other tensor must match. Returns the names of the grown or added tensors.
 
     Raises:
         CCELLAError: any other missing, unexpected or mismatched key (names ``source`` and the keys).
@@ -181,6 +195,10 @@ def load_grown_state(model: CCELLALDM, state: dict[str, torch.Tensor], source: s
             padded[:, : old.shape[1]] = old
             state[_INPUT_CONV] = padded
             grown.append(_INPUT_CONV)
+    for key, value in expected.items():
+        if key.startswith(_NEW_HEADS) and key not in state:
+            state[key] = value
+            grown.append(key)
     check_state_dict(state, model, source=source, component="ldm")
     model.load_state_dict(state)
     return grown

@@ -34,12 +34,16 @@ class LossConfig:
             counts ``1 + lesion_weight * f``, f = the fraction of its image voxels inside the lesion mask. Lesions fill
             well under 1% of a volume, so a plain mean spends almost all of a short training run on anatomy; the
             weight makes the report's lesion worth learning early. Exams without a lesion mask count 1 everywhere.
+        side_loss_weight: weight of the cross-entropy of the side head (``unet.side_map``; paper: no head) against
+            the side of the exam's lesion mask (:func:`~CCELLACore.training.latents.lesion_sides`). Exams without a
+            lesion mask or a report, and condition-dropped items, are left out of it.
     """
 
     class_loss_weight: float = PAPER_CLASS_LOSS_WEIGHT
     focal_alpha: float = 0.75
     focal_gamma: float = 2.0
     lesion_weight: float = 0.0
+    side_loss_weight: float = 0.0
 
     def __post_init__(self) -> None:
         if self.class_loss_weight < 0:
@@ -50,6 +54,8 @@ class LossConfig:
             raise ValueError(f"focal_gamma must be >= 0, got {self.focal_gamma}")
         if self.lesion_weight < 0:
             raise ValueError(f"lesion_weight must be >= 0, got {self.lesion_weight}")
+        if self.side_loss_weight < 0:
+            raise ValueError(f"side_loss_weight must be >= 0, got {self.side_loss_weight}")
 
 
 def class_focal_loss(
@@ -97,8 +103,13 @@ def ccella_loss(
     focal_gamma: float = 2.0,
     class_count: float | None = None,
     voxel_weight: torch.Tensor | None = None,
+    side_logits: torch.Tensor | None = None,
+    side_labels: torch.Tensor | None = None,
+    side_mask: torch.Tensor | None = None,
+    side_loss_weight: float = 0.0,
+    side_count: float | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Joint loss ``total = denoise + class_loss_weight * cls``.
+    """Joint loss ``total = denoise + class_loss_weight * cls (+ side_loss_weight * side)``.
 
     Args:
         prediction: (B, C, X, Y, Z) U-Net output.
@@ -111,10 +122,12 @@ def ccella_loss(
         voxel_weight: (B, 1, X, Y, Z) weight per latent voxel (:attr:`LossConfig.lesion_weight`); the denoising loss
             is then the mean of ``weight * L1`` (divided by the voxel count, not the weights' sum, so that it stays a
             per-exam mean and DDP ranks need no shared normaliser).
+        side_logits / side_labels / side_mask: (B, 3), (B,) long and (B,) bool: the side head, the side of each
+            exam's lesion mask and which exams count; ``side_count`` as ``class_count``.
 
     Returns:
-        ``{"total", "denoise", "cls"}`` scalars; ``denoise`` is the (weighted) mean L1, ``cls`` the unweighted focal
-        loss.
+        ``{"total", "denoise", "cls"}`` scalars (and ``"side"`` with side logits); ``denoise`` is the (weighted) mean
+        L1, ``cls`` the unweighted focal loss, ``side`` the unweighted mean cross-entropy.
     """
     if prediction.shape != target.shape:
         raise ValueError(f"prediction {tuple(prediction.shape)} and target {tuple(target.shape)} differ in shape")
@@ -123,4 +136,11 @@ def ccella_loss(
     else:
         denoise = (voxel_weight.float() * (prediction.float() - target.float()).abs()).mean()
     cls = class_focal_loss(class_logits.float(), labels, has_report, focal_alpha, focal_gamma, class_count)
-    return {"total": denoise + class_loss_weight * cls, "denoise": denoise, "cls": cls}
+    losses = {"total": denoise + class_loss_weight * cls, "denoise": denoise, "cls": cls}
+    if side_logits is not None:
+        per_exam = F.cross_entropy(side_logits.float(), side_labels.long(), reduction="none")
+        weights = side_mask.to(per_exam.dtype)
+        count = weights.sum().clamp(min=1.0) if side_count is None else torch.as_tensor(max(float(side_count), 1e-12))
+        losses["side"] = (per_exam * weights).sum() / count
+        losses["total"] = losses["total"] + side_loss_weight * losses["side"]
+    return losses

@@ -31,7 +31,7 @@ from monai.apps.generation.maisi.networks.diffusion_model_unet_maisi import Diff
 from monai.networks.blocks.crossattention import CrossAttentionBlock
 from monai.networks.blocks.selfattention import SABlock
 
-__all__ = ["UNetConfig", "CCELLAUNet", "coordinate_maps", "map_reference_unet_keys"]
+__all__ = ["UNetConfig", "CCELLAUNet", "SIDES", "coordinate_maps", "side_map", "map_reference_unet_keys"]
 
 
 @dataclass(frozen=True)
@@ -62,6 +62,11 @@ class UNetConfig:
             of the exam is decided, the input holds no anatomy, so without them the U-Net can place the report's
             left-sided lesion on the left only through the zero padding at the volume's edge. Measured on the demo
             (docs/design.md, "coordinate maps"): a 3000-step fine-tune with them did not yet improve the side.
+        side_map: False (paper) or True: one more input channel, the report's lesion side as a map,
+            ``(p_left - p_right) * x`` with x the patient-left coordinate in [-1, 1] (LPS: larger index = patient
+            left) and p the side probabilities of the LDM's side head (:func:`side_map`). It is positive on the
+            reported side, zero for reports without a lesion. Cross-attention alone did not bind the report's side
+            to a position on the demo (docs/design.md, "The report's side"): the map gives the side a place.
     """
 
     in_channels: int = 12
@@ -83,6 +88,7 @@ class UNetConfig:
     class_input_scale: float = 100.0
     spacing_input_scale: float = 100.0
     coordinate_channels: int = 0
+    side_map: bool = False
 
     def __post_init__(self) -> None:
         levels = len(self.num_channels)
@@ -135,7 +141,7 @@ class CCELLAUNet(DiffusionModelUNetMaisi):
         # 4-d region layer is then replaced by the class layer, which takes the region's place in the concatenation.
         super().__init__(
             spatial_dims=3,
-            in_channels=config.in_channels + config.coordinate_channels,
+            in_channels=config.in_channels + config.coordinate_channels + int(config.side_map),
             out_channels=config.out_channels,
             num_res_blocks=config.num_res_blocks,
             num_channels=config.num_channels,
@@ -175,6 +181,7 @@ class CCELLAUNet(DiffusionModelUNetMaisi):
         context: torch.Tensor,
         class_probs: torch.Tensor,
         spacing: torch.Tensor,
+        side_probs: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """
         Args:
@@ -183,6 +190,7 @@ class CCELLAUNet(DiffusionModelUNetMaisi):
             context: (B, N, cross_attention_dim) adapter context.
             class_probs: (B, num_classes) class probabilities in [0, 1] (softmax of the adapter's logits).
             spacing: (B, 3) voxel spacing of the generated volume in mm.
+            side_probs: (B, 3) probabilities of (no lesion, left, right); required with ``side_map``, else ignored.
 
         Returns:
             (B, out_channels, X, Y, Z) prediction (noise or velocity, as the model was trained).
@@ -210,6 +218,11 @@ class CCELLAUNet(DiffusionModelUNetMaisi):
 
         if cfg.coordinate_channels:
             x = torch.cat((x, coordinate_maps(x)), dim=1)
+        if cfg.side_map:
+            if side_probs is None or side_probs.shape != (batch, len(SIDES)):
+                raise ValueError(f"side_probs must be ({batch}, {len(SIDES)}) with side_map, got "
+                                 f"{None if side_probs is None else tuple(side_probs.shape)}")
+            x = torch.cat((x, side_map(side_probs.to(x.dtype), x)), dim=1)
         h = self.conv_in(x)
         h, skips = self._apply_down_blocks(h, emb, context, None)
         h = self.middle_block(h, emb, context)
@@ -222,6 +235,18 @@ def coordinate_maps(x: torch.Tensor) -> torch.Tensor:
     axes = [torch.linspace(-1.0, 1.0, n, device=x.device, dtype=x.dtype) for n in x.shape[2:]]
     grid = torch.stack(torch.meshgrid(*axes, indexing="ij"))
     return grid.unsqueeze(0).expand(x.shape[0], -1, -1, -1, -1)
+
+
+#: Classes of the side head, in order: the report's index lesion is absent, on the patient's left, on the right.
+SIDES = ("none", "left", "right")
+
+
+def side_map(side_probs: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """(B, 3) side probabilities (:data:`SIDES`) and (B, C, X, Y, Z) latents -> (B, 1, X, Y, Z)
+    ``(p_left - p_right) * u``, u = the axis-0 coordinate in [-1, 1] (axis 0 = LPS x: larger = patient left)."""
+    u = torch.linspace(-1.0, 1.0, x.shape[2], device=x.device, dtype=x.dtype).view(1, 1, -1, 1, 1)
+    signed = (side_probs[:, 1] - side_probs[:, 2]).view(-1, 1, 1, 1, 1)
+    return (signed * u).expand(-1, 1, -1, x.shape[3], x.shape[4])
 
 
 def map_reference_unet_keys(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -29,7 +29,7 @@ from ..models.text_encoder import TextEncoding
 from .distributed import DistributedContext, shard
 
 __all__ = ["LatentData", "LatentBatch", "STORAGE_DTYPE", "encode_latents", "write_latent_file", "load_latent_data",
-           "latent_stats", "reference_intensities"]
+           "latent_stats", "lesion_sides", "reference_intensities"]
 
 logger = logging.getLogger("CCELLACore")
 
@@ -66,6 +66,7 @@ class LatentData:
         labels: (N,) long csPCa labels (0 where unknown; ``has_label`` tells).
         has_report: (N,) bool.
         has_label: (N,) bool.
+        has_lesion_mask: (N,) bool, exams whose manifest names a lesion mask (an empty mask = no lesion).
     """
 
     case_ids: list[str]
@@ -77,6 +78,7 @@ class LatentData:
     labels: torch.Tensor
     has_report: torch.Tensor
     has_label: torch.Tensor
+    has_lesion_mask: torch.Tensor
 
     def __len__(self) -> int:
         return len(self.case_ids)
@@ -223,7 +225,26 @@ def load_latent_data(studies: list[Study], cache_dir: str | Path, text_cache) ->
         labels=torch.tensor([s.label or 0 for s in studies], dtype=torch.long),
         has_report=torch.tensor([s.has_report for s in studies], dtype=torch.bool),
         has_label=torch.tensor([s.label is not None for s in studies], dtype=torch.bool),
+        has_lesion_mask=torch.tensor(["lesion" in s.masks for s in studies], dtype=torch.bool),
     )
+
+
+#: Lesion fraction (in latent voxels) below which an exam counts as having no lesion.
+MIN_LESION_MASS = 0.5
+
+
+def lesion_sides(lesion: torch.Tensor) -> torch.Tensor:
+    """(B, 1, x, y, z) lesion fractions -> (B,) long side classes (:data:`~CCELLACore.models.unet.SIDES`): 0 = no
+    lesion (less than :data:`MIN_LESION_MASS` latent voxels), 1 = left, 2 = right, by which half of axis 0 holds
+    more lesion (axis 0 = LPS x, larger index = patient left, on the gland-centred grid). With lesions on both sides
+    the larger total wins: phantom and real index lesions are usually the largest."""
+    mass = lesion.float().sum(dim=(1, 3, 4))  # (B, x)
+    half = mass.shape[1] / 2
+    u = torch.arange(mass.shape[1], device=mass.device).float() + 0.5
+    left = (mass * (u > half)).sum(dim=1)
+    right = (mass * (u < half)).sum(dim=1)
+    sides = torch.where(left >= right, 1, 2)
+    return torch.where(mass.sum(dim=1) < MIN_LESION_MASS, 0, sides).long()
 
 
 def latent_stats(data: LatentData, sequences: tuple[str, ...], ctx: DistributedContext) -> LatentStats:

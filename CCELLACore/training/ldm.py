@@ -36,7 +36,7 @@ from ..sampling.objectives import TrainingObjective
 from .checkpoint import TrainingState, config_hash, find_checkpoint, load_checkpoint, save_checkpoint
 from .distributed import DistributedContext, init_distributed, run_record
 from .ema import EMA
-from .latents import LatentData, encode_latents, latent_stats, load_latent_data, reference_intensities
+from .latents import LatentData, encode_latents, latent_stats, lesion_sides, load_latent_data, reference_intensities
 from .logs import MetricsLogger
 from ..precision import autocast_context, describe_device, training_dtype
 from .schedule import polynomial_lr, set_lr
@@ -133,6 +133,7 @@ def _gather(data: LatentData, index: torch.Tensor, factors: torch.Tensor, group:
         data.labels[index].to(device),
         (data.has_report[index] & data.has_label[index]).to(device),
         (1.0 + lesion_weight * batch.lesion).to(device) if lesion_weight > 0 else None,
+        lesion_sides(batch.lesion).to(device),
     )
 
 
@@ -152,10 +153,12 @@ def _step_loss(model, data, global_index, factors, group, objective, cfg, loss_c
     dropped = torch.rand(g, generator=generator, device=generator.device) < (cfg.condition_dropout if train else 0.0)
     labelled = data.has_report[global_index] & data.has_label[global_index] & ~dropped.cpu()
     class_count = float(labelled.sum()) / world if world > 1 else None
+    sided = data.has_report[global_index] & data.has_lesion_mask[global_index] & ~dropped.cpu()
+    side_count = float(sided.sum()) / world if world > 1 else None
 
     mine = slice(ctx.rank, None, world)
-    latents, spacing, text_f, text_m, labels, class_mask, weight = _gather(data, global_index[mine], factors, group,
-                                                                           device, loss_cfg.lesion_weight)
+    latents, spacing, text_f, text_m, labels, class_mask, weight, sides = _gather(
+        data, global_index[mine], factors, group, device, loss_cfg.lesion_weight)
     if train and cfg.condition_dropout > 0:
         out = condition_dropout(text_f, text_m, null.features, null.mask, cfg.condition_dropout,
                                 dropped=dropped[mine])
@@ -168,7 +171,9 @@ def _step_loss(model, data, global_index, factors, group, objective, cfg, loss_c
         out = model(x_t, t, spacing, text_f, text_m)
     return ccella_loss(out.prediction.float(), target, out.class_logits.float(), labels, class_mask,
                        class_loss_weight=loss_cfg.class_loss_weight, focal_alpha=loss_cfg.focal_alpha,
-                       focal_gamma=loss_cfg.focal_gamma, class_count=class_count, voxel_weight=weight)
+                       focal_gamma=loss_cfg.focal_gamma, class_count=class_count, voxel_weight=weight,
+                       side_logits=out.side_logits, side_labels=sides, side_mask=sided[mine].to(device),
+                       side_loss_weight=loss_cfg.side_loss_weight, side_count=side_count)
 
 
 @torch.no_grad()
