@@ -135,6 +135,7 @@ def test_a_rank_that_hangs_alive_stops_the_job_after_the_timeout_and_it_resumes(
     assert job.returncode not in (0, None), output[-3000:]
     assert TIMEOUT_S - 1 <= told_after < TIMEOUT_S + 30, (told_after, output[-3000:])
     message = next(line for line in lines if "did not answer within" in line)
+    print(message.strip())
     assert message.startswith(f"ccella train-ldm: error: rank 0: another process of this distributed job did not "
                               f"answer within {TIMEOUT_S} s ({TIMEOUT_VARIABLE}; it hangs or died"), message
     assert "Run the same command again: it resumes from the last checkpoint" in message
