@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import socket
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
-__all__ = ["atomic_path", "atomic_write_text", "atomic_write_bytes", "atomic_write_json", "read_json", "default_mode"]
+__all__ = ["atomic_path", "atomic_write_text", "atomic_write_bytes", "atomic_write_json", "read_json", "default_mode",
+           "remove_orphaned_temporaries"]
 
 
 def default_mode(directory: bool = False) -> int:
@@ -24,11 +27,13 @@ def default_mode(directory: bool = False) -> int:
 def atomic_path(path: str | Path, suffix: str = "") -> Iterator[Path]:
     """Yield a temporary path beside ``path``; on success it is renamed onto ``path``, on error removed.
 
-    ``suffix`` keeps the extension for writers that choose a format by name (``.nii.gz``, ``.png``).
+    ``suffix`` keeps the extension for writers that choose a format by name (``.nii.gz``, ``.png``). The temporary
+    name holds this machine's name and process id (``.tmp-<host>-<pid>-…``): a process killed mid-write (SIGKILL
+    runs no clean-up) leaves it behind, and :func:`remove_orphaned_temporaries` can tell it from one being written.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=suffix, dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f"{_temporary_prefix()}{os.getpid()}-", suffix=suffix, dir=path.parent)
     os.close(fd)
     try:
         yield Path(tmp)
@@ -37,6 +42,40 @@ def atomic_path(path: str | Path, suffix: str = "") -> Iterator[Path]:
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def _temporary_prefix() -> str:
+    return ".tmp-" + re.sub(r"[^A-Za-z0-9]", "_", socket.gethostname())[:32] + "-"
+
+
+def _alive(pid: int) -> bool:
+    if os.name == "nt":  # os.kill(pid, 0) would terminate the process there: keep its files
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def remove_orphaned_temporaries(folder: str | Path) -> list[Path]:
+    """Remove the temporary files that :func:`atomic_path` left in ``folder`` (not below it) in a process of this
+    machine that no longer runs (killed mid-write); those of live processes, and of other machines sharing the
+    folder, are kept (on Windows all are kept). Returns the removed paths."""
+    folder = Path(folder)
+    prefix = _temporary_prefix()
+    removed = []
+    for tmp in folder.glob(f"{prefix}*") if folder.is_dir() else ():  # the prefix holds no glob characters
+        pid = tmp.name[len(prefix):].split("-", 1)[0]
+        if pid.isdigit() and not _alive(int(pid)) and tmp.is_file():
+            try:
+                tmp.unlink()
+                removed.append(tmp)
+            except FileNotFoundError:  # another process cleaned it first
+                pass
+    return removed
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> Path:

@@ -1,7 +1,11 @@
 """Shared fixtures: a tiny phantom data set preprocessed for the LDM, an untrained tiny autoencoder, and a tiny
-model trained for 6 steps (session-scoped: built once, used by the generation, synthesis and honour tests)."""
+model trained for 6 steps (session-scoped: built once, used by the generation, synthesis and honour tests); three
+tiny phantom sets and a briefly trained classifier as the stand-in backbone (the evaluation tests)."""
 
 from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
 
 import pytest
 import torch
@@ -37,3 +41,25 @@ def trained(data, tmp_path_factory):
                      progress=False)
 
 
+@pytest.fixture(scope="session")
+def eval_sets(tmp_path_factory) -> dict[str, Path]:
+    """real: institution 1, seed 0; same: institution 1, seed 1; shifted: institution 2, seed 1 (one grid)."""
+    root = tmp_path_factory.mktemp("eval_sets")
+    for name, institution, seed in (("real", 1, 0), ("same", 1, 1), ("shifted", 2, 1)):
+        assert main(["phantoms", "--institution", str(institution), "--n", "10", "--size", "32", "32", "16",
+                     "--spacing", "4", "4", "4", "--seed", str(seed), "--out", str(root / name), "--layouts", "none",
+                     "--no-progress"]) == 0
+    return {name: root / name / "manifest.csv" for name in ("real", "same", "shifted")}
+
+
+@pytest.fixture(scope="session")
+def standin(eval_sets, tmp_path_factory) -> Path:
+    """A phantom classifier trained for one epoch on the real set: the stand-in backbone (and faithfulness model)."""
+    from CCELLACore.classifier.config import load_classifier_config
+    from CCELLACore.classifier.train import train_classifier
+
+    config = load_classifier_config("tiny")
+    config = dataclasses.replace(config, train=dataclasses.replace(
+        config.train, epochs=1, val_split="", checkpoint_every=100, train_splits=("train", "val", "test")))
+    return train_classifier(config, eval_sets["real"], tmp_path_factory.mktemp("standin"), device="cpu",
+                            progress=False)

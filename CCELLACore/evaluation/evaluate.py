@@ -27,7 +27,7 @@ import numpy as np
 from ..data.manifest import read_manifest
 from ..data.study import SEQUENCES, Study
 from ..errors import CCELLAError, DataError
-from ..fileio import atomic_write_json
+from ..fileio import atomic_write_json, remove_orphaned_temporaries
 from .backbones import Backbone, load_classifier_standin, load_medicalnet, load_radimagenet
 from .diversity import intensity_row, intensity_table, ms_ssim_diversity
 from .faithfulness import on_axt2_grid
@@ -231,6 +231,8 @@ def evaluate(real_manifest: str | Path, synthetic_manifest: str | Path, out: str
     }
     metrics["seconds"] = round(time.time() - started, 1)
     out.mkdir(parents=True, exist_ok=True)
+    for folder in (out, out / "figures"):  # of a run killed while it wrote the report
+        remove_orphaned_temporaries(folder)
     write_report(metrics, out, {"real": real_pass, "synthetic": syn_pass})
     atomic_write_json(out / "metrics.json", metrics)
     return metrics

@@ -5,8 +5,9 @@ Cache layout (``--cache DIR``, default ``<out>/feature_cache``)::
     DIR/<backbone kind>-<sha256[:16]>/<case folder>-<paths hash>.npz   one file per exam: features and fingerprint
 
 The fingerprint covers the backbone's weights hash and settings and each input file's path, size and modification
-time; an entry whose fingerprint differs is recomputed. Entries are written atomically, one per exam, so an
-interrupted run keeps every exam it finished.
+time; an entry whose fingerprint differs is recomputed, and so is one that cannot be read (cut short, corrupt).
+Entries are written atomically, one per exam, so an interrupted run keeps every exam it finished and never finds
+half an entry of its own.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +23,7 @@ import numpy as np
 from ..data.preprocess import case_folder_name
 from ..data.study import Study
 from ..errors import DataError
-from ..fileio import atomic_path
+from ..fileio import atomic_path, remove_orphaned_temporaries
 from .backbones import Backbone
 
 __all__ = ["FEATURE_VERSION", "study_fingerprint", "exam_features"]
@@ -53,7 +55,7 @@ def _read_entry(path: Path, fingerprint: str) -> dict[str, np.ndarray] | None:
             if str(data["__fingerprint__"]) != fingerprint:
                 return None
             return {k: np.asarray(data[k]) for k in data.files if k != "__fingerprint__"}
-    except (OSError, KeyError, ValueError):  # missing or corrupt: recompute
+    except (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile):  # missing, cut short or corrupt: recompute
         return None
 
 
@@ -69,6 +71,8 @@ def exam_features(backbone: Backbone, studies: list[Study], cache_dir: str | Pat
 
     salt = json.dumps({"sha256": backbone.weights_sha256, "settings": backbone.settings}, sort_keys=True)
     folder = None if cache_dir is None else Path(cache_dir) / f"{backbone.kind}-{backbone.weights_sha256[:16]}"
+    if folder is not None:
+        remove_orphaned_temporaries(folder)  # of a run killed mid-write; never those of a live one sharing the cache
     features, skipped = [], []
     for study in tqdm(studies, desc=desc, unit="exam", disable=not progress):
         fingerprint = study_fingerprint(study, salt)

@@ -28,7 +28,7 @@ from ..cli import positive_int
 from ..data.batch import BatchSummary
 from ..data.manifest import read_manifest, write_manifest
 from ..data.study import LabelSource, Study
-from ..fileio import read_json
+from ..fileio import read_json, remove_orphaned_temporaries
 from ..reports import ReportError, is_empty_report, report_hash
 from .generate_cli import DEMO_MODEL_DIR, write_generation
 
@@ -94,6 +94,8 @@ def run(args: argparse.Namespace) -> int:
         if (case_dir / DONE_FILE).is_file():
             summary.reused.append(study.case_id)
             continue
+        # Killed mid-exam before: its volumes are made again; a file a kill cut short was never renamed into place.
+        remove_orphaned_temporaries(case_dir)
         unconditional = is_empty_report(study.report)
         try:
             output = pipe(None if unconditional else study.report, seed=args.seed + k, steps=args.steps,
@@ -108,6 +110,7 @@ def run(args: argparse.Namespace) -> int:
     ctx.barrier()
     if ctx.is_main:
         # Merge: every finished exam, whichever rank (or earlier run) made it.
+        remove_orphaned_temporaries(args.out)  # of a run killed while it wrote the manifest or summary
         merged = []
         for study in studies:
             case_dir = args.out / "cases" / synthetic_id(study.case_id)

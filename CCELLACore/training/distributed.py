@@ -3,18 +3,31 @@
 One process: ``ccella train-ldm ...``. One node, 4 GPUs: ``torchrun --standalone --nproc_per_node=4
 Training/train_ldm.py ...``. Two nodes: ``torchrun --nnodes=2 --node_rank=0 --master_addr=HOST --master_port=29500
 --nproc_per_node=8 Training/train_ldm.py ...`` (and ``--node_rank=1`` on the other). NCCL on GPUs, gloo on CPUs.
+
+A process that hangs while alive (a stuck file system, a deadlock, ``kill -STOP``) stops the job once a collective
+has waited ``CCELLA_DIST_TIMEOUT_S`` seconds for it (default :data:`DEFAULT_TIMEOUT_S`), instead of torch's 30
+minutes for gloo. Between two collectives rank 0 alone writes checkpoints and the model folder, validates, encodes
+the reports on a first start and (synthesize) merges and audits while the others wait: the default leaves it that
+long; set the variable higher where one of these takes longer (a first start on a large manifest on CPUs).
 """
 
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
-__all__ = ["DistributedContext", "init_distributed", "shard", "run_record", "peer_failure"]
+__all__ = ["DistributedContext", "init_distributed", "shard", "run_record", "peer_failure", "collective_timeout",
+           "DEFAULT_TIMEOUT_S", "TIMEOUT_VARIABLE"]
+
+TIMEOUT_VARIABLE = "CCELLA_DIST_TIMEOUT_S"
+#: 10 minutes, torch's own NCCL default: a third of gloo's 30, and well above rank 0's solo steps of a run (a
+#: checkpoint of a few GB on slow storage, validation, the final model folder take seconds to a minute or two).
+DEFAULT_TIMEOUT_S = 600.0
 
 
 @dataclass(frozen=True)
@@ -48,11 +61,31 @@ class DistributedContext:
         return value
 
 
+def collective_timeout() -> float:
+    """Seconds a collective waits for the other processes: ``CCELLA_DIST_TIMEOUT_S``, else the default."""
+    from ..errors import CCELLAError
+
+    raw = os.environ.get(TIMEOUT_VARIABLE, "").strip()
+    if not raw:
+        return DEFAULT_TIMEOUT_S
+    try:
+        seconds = float(raw)
+    except ValueError:
+        seconds = float("nan")
+    if not seconds > 0 or seconds == float("inf"):
+        raise CCELLAError(f"{TIMEOUT_VARIABLE}={raw!r}: expected a positive number of seconds (default "
+                          f"{DEFAULT_TIMEOUT_S:g})")
+    return seconds
+
+
 def init_distributed(device: str = "auto") -> DistributedContext:
     """Initialise the process group when launched by torchrun (``RANK``/``WORLD_SIZE`` set), else a single process.
 
     Args:
         device: ``"auto"`` (CUDA when available, else CPU), ``"cpu"`` or ``"cuda"``.
+
+    Raises:
+        CCELLAError: ``CCELLA_DIST_TIMEOUT_S`` is not a positive number.
     """
     use_cuda = torch.cuda.is_available() if device == "auto" else device.startswith("cuda")
     if use_cuda and not torch.cuda.is_available():
@@ -61,7 +94,8 @@ def init_distributed(device: str = "auto") -> DistributedContext:
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if world_size > 1 and not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+        dist.init_process_group(backend="nccl" if use_cuda else "gloo",
+                                timeout=timedelta(seconds=collective_timeout()))
     if use_cuda:
         torch.cuda.set_device(local_rank)
         dev = torch.device("cuda", local_rank)
@@ -94,9 +128,11 @@ def print_run_end(model_dir: Path, run_dir: Path) -> None:
         print(f"stopped early; checkpoints in {Path(run_dir) / 'checkpoints'}: run the same command to continue")
 
 
-# What gloo and NCCL say when the other end of a collective has gone (died, killed, or its machine lost).
-_PEER_GONE = ("Connection reset by peer", "Connection closed by peer", "Broken pipe", "timed out", "Timed out",
-              "NCCL communicator was aborted", "ProcessGroupNCCL")
+# What gloo and NCCL say when the other end of a collective has gone (died, killed, or its machine lost), and when
+# it has not answered within the timeout (alive but hanging).
+_PEER_GONE = ("Connection reset by peer", "Connection closed by peer", "Broken pipe", "NCCL communicator was aborted",
+              "ProcessGroupNCCL")
+_PEER_SILENT = ("timed out", "Timed out", "timing out")
 
 
 def peer_failure(exc: BaseException) -> str | None:
@@ -105,9 +141,21 @@ def peer_failure(exc: BaseException) -> str | None:
     if not isinstance(exc, RuntimeError) or int(os.environ.get("WORLD_SIZE", "1")) < 2:
         return None
     text = str(exc)
+    rank = os.environ.get("RANK", "0")
+    first = next((line.strip() for line in text.splitlines() if line.strip()), type(exc).__name__)
+    if any(marker in text for marker in _PEER_SILENT):
+        from ..errors import CCELLAError
+
+        try:
+            seconds = f"{collective_timeout():g} s"
+        except CCELLAError:  # not this job's group (it checked the value): never mask the failure
+            seconds = "the timeout"
+        return (f"rank {rank}: another process of this distributed job did not answer within {seconds} "
+                f"({TIMEOUT_VARIABLE}; it hangs or died: {first[:160]}); this process stops too. Run the same "
+                f"command again: it resumes from the last checkpoint (if that process was only busy, set "
+                f"{TIMEOUT_VARIABLE} higher)")
     if not any(marker in text for marker in _PEER_GONE):
         return None
-    first = next((line.strip() for line in text.splitlines() if line.strip()), type(exc).__name__)
-    return (f"rank {os.environ.get('RANK', '0')}: another process of this distributed job stopped or stopped "
-            f"answering ({first[:200]}); this process stops too. Run the same command again: it resumes from the "
-            "last checkpoint")
+    return (f"rank {rank}: another process of this distributed job stopped or stopped answering "
+            f"({first[:200]}); this process stops too. Run the same command again: it resumes from the last "
+            "checkpoint")

@@ -24,30 +24,7 @@ from CCELLACore.evaluation.diversity import ms_ssim_diversity, ms_ssim_settings
 from CCELLACore.evaluation.features import exam_features
 from CCELLACore.evaluation.stats import fid, kid
 
-N = 10
-
-
-@pytest.fixture(scope="module")
-def sets(tmp_path_factory) -> dict[str, Path]:
-    """real: institution 1, seed 0; same: institution 1, seed 1; shifted: institution 2, seed 1 (one grid)."""
-    root = tmp_path_factory.mktemp("eval_sets")
-    for name, institution, seed in (("real", 1, 0), ("same", 1, 1), ("shifted", 2, 1)):
-        assert main(["phantoms", "--institution", str(institution), "--n", str(N), "--size", "32", "32", "16",
-                     "--spacing", "4", "4", "4", "--seed", str(seed), "--out", str(root / name), "--layouts", "none",
-                     "--no-progress"]) == 0
-    return {name: root / name / "manifest.csv" for name in ("real", "same", "shifted")}
-
-
-@pytest.fixture(scope="module")
-def standin(sets, tmp_path_factory) -> Path:
-    """A phantom classifier trained for one epoch on the real set: the stand-in backbone (and faithfulness model)."""
-    from CCELLACore.classifier.config import load_classifier_config
-    from CCELLACore.classifier.train import train_classifier
-
-    config = load_classifier_config("tiny")
-    config = dataclasses.replace(config, train=dataclasses.replace(
-        config.train, epochs=1, val_split="", checkpoint_every=100, train_splits=("train", "val", "test")))
-    return train_classifier(config, sets["real"], tmp_path_factory.mktemp("standin"), device="cpu", progress=False)
+N = 10  # exams per set of the eval_sets fixture (conftest.py)
 
 
 @pytest.fixture(scope="module")
@@ -60,10 +37,10 @@ def _rows(features: list[dict]) -> np.ndarray:
     return np.concatenate([f["bpMRI"] for f in features]).astype(np.float64)
 
 
-def test_identical_sets_score_zero_and_the_other_institution_scores_worse(sets, standin, cache):
+def test_identical_sets_score_zero_and_the_other_institution_scores_worse(eval_sets, standin, cache):
     backbone = load_classifier_standin(standin)
     feats = {name: exam_features(backbone, read_manifest(path).studies, cache, progress=False)[0]
-             for name, path in sets.items()}
+             for name, path in eval_sets.items()}
     real, same, shifted = (_rows(feats[k]) for k in ("real", "same", "shifted"))
     assert real.shape[0] == N and np.isfinite(real).all()
     fids = {"identical": fid(real, real), "same": fid(real, same), "shifted": fid(real, shifted)}
@@ -79,19 +56,20 @@ def test_identical_sets_score_zero_and_the_other_institution_scores_worse(sets, 
     # Cached features resume: a second pass reads the same numbers without touching the cache files.
     cache_files = {p: p.stat().st_mtime_ns for p in cache.rglob("*.npz")}
     assert len(cache_files) == 3 * N
-    again = exam_features(backbone, read_manifest(sets["real"]).studies, cache, progress=False)[0]
+    again = exam_features(backbone, read_manifest(eval_sets["real"]).studies, cache, progress=False)[0]
     assert np.array_equal(_rows(again), real)
     assert all(p.stat().st_mtime_ns == t for p, t in cache_files.items())
 
 
-def test_evaluate_writes_the_report_and_the_audit_flags_only_the_planted_copy(sets, standin, cache, tmp_path):
-    real = read_manifest(sets["real"]).studies
+def test_evaluate_writes_the_report_and_the_audit_flags_only_the_planted_copy(eval_sets, standin, cache, tmp_path):
+    real = read_manifest(eval_sets["real"]).studies
     copied = next(s for s in real if s.split == "train")
     planted = dataclasses.replace(copied, case_id="planted_copy", patient_id="planted")
-    synthetic = write_manifest(read_manifest(sets["same"]).studies + [planted], tmp_path / "synthetic" / "manifest.csv")
-    shutil.copy(sets["same"].parent / "truth.json", synthetic.parent / "truth.json")  # the phantom reports' truth
+    synthetic = write_manifest(read_manifest(eval_sets["same"]).studies + [planted],
+                               tmp_path / "synthetic" / "manifest.csv")
+    shutil.copy(eval_sets["same"].parent / "truth.json", synthetic.parent / "truth.json")  # the phantom reports' truth
     out = tmp_path / "eval"
-    assert main(["evaluate", "--real", str(sets["real"]), "--synthetic", str(synthetic), "--out", str(out),
+    assert main(["evaluate", "--real", str(eval_sets["real"]), "--synthetic", str(synthetic), "--out", str(out),
                  "--standin", str(standin), "--classifier", str(standin), "--bootstrap", "20", "--kid-subsets", "5",
                  "--diversity-exams", "4", "--device", "cpu", "--cache", str(cache), "--no-progress"]) == 0
     metrics = json.loads((out / "metrics.json").read_text(encoding="utf-8"))

@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Callable, TypeVar
 
 import numpy as np
 import torch
@@ -23,6 +24,7 @@ from CCELLACore.training.ldm import train_ldm
 from test_reliability_inputs import _job, snapshot
 
 REPO = Path(__file__).resolve().parents[2]
+T = TypeVar("T")
 ENV = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
 
 
@@ -37,18 +39,35 @@ def optimizer_state(run: Path) -> dict:
     return torch.load(run / "checkpoints" / "last" / "training.pt", weights_only=True)["optimizers"]["adamw"]
 
 
-def wait_for_step(process: subprocess.Popen, run: Path, step: int, timeout: float = 300) -> int:
-    """Poll the run's metrics until a training row at ``step`` or later is logged; the last logged step."""
+def wait_until(process: subprocess.Popen, ready: Callable[[], T | None], what: str, timeout: float = 300,
+               interval: float = 0.01) -> T:
+    """Poll ``ready()`` while ``process`` runs until it returns a value (not None, not False); that value."""
     end = time.monotonic() + timeout
     while time.monotonic() < end and process.poll() is None:
+        value = ready()
+        if value is not None and value is not False:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"{what} did not happen (exit code {process.poll()})")
+
+
+def wait_for_step(process: subprocess.Popen, run: Path, step: int, timeout: float = 300) -> int:
+    """Poll the run's metrics until a training row at ``step`` or later is logged; the last logged step."""
+    def logged() -> int | None:
         try:
-            logged = max(train_rows(run), default=0)
+            last = max(train_rows(run), default=0)
         except (OSError, ValueError, KeyError):  # the file is being created or a row half written
-            logged = 0
-        if logged >= step:
-            return logged
-        time.sleep(0.01)
-    raise AssertionError(f"the run did not reach step {step} (exit code {process.poll()})")
+            return None
+        return last if last >= step else None
+
+    return wait_until(process, logged, f"the run reaching step {step}", timeout)
+
+
+def sigkill(process: subprocess.Popen) -> None:
+    """SIGKILL (no clean-up runs, as when a machine loses power or the OOM killer strikes) and reap."""
+    process.send_signal(signal.SIGKILL)
+    process.communicate(timeout=60)
+    assert process.returncode == -signal.SIGKILL, process.returncode
 
 
 def test_ldm_sigkill_between_checkpoints_resumes_to_the_uninterrupted_result(data, trained, tmp_path):
