@@ -82,6 +82,15 @@ class CCELLALDM(nn.Module):
             # (LossConfig.side_loss_weight) and, through the U-Net's side map, by the denoising loss.
             self.side_head = ClassHead(config.adapter.width, config.adapter.class_hidden, len(SIDES))
 
+    @torch.no_grad()
+    def side_probabilities(self, text_features: torch.Tensor, text_mask: torch.Tensor,
+                           timesteps: torch.Tensor) -> torch.Tensor:
+        """(B, 3) softmax of the side head at ``timesteps`` (the adapter is timestep-aware); needs ``side_map``."""
+        if timesteps.ndim == 0:
+            timesteps = timesteps.expand(text_features.shape[0])
+        context, _ = self.adapter(text_features, text_mask, timesteps)
+        return torch.softmax(self.side_head(context).float(), dim=-1)
+
     def forward(
         self,
         x: torch.Tensor,
@@ -89,6 +98,7 @@ class CCELLALDM(nn.Module):
         spacing: torch.Tensor,
         text_features: torch.Tensor,
         text_mask: torch.Tensor,
+        side_probs: torch.Tensor | None = None,
     ) -> LDMOutput:
         """
         Args:
@@ -97,6 +107,8 @@ class CCELLALDM(nn.Module):
             spacing: (B, 3) voxel spacing of the generated volume in mm.
             text_features: (B, L, input_dim) report token features (the null encoding for unconditional items).
             text_mask: (B, L) bool, True for real tokens.
+            side_probs: (B, 3) side probabilities for the U-Net's side map in place of the side head's (side-contrast
+                guidance gives the null half the report's mirrored side); ignored without ``unet.side_map``.
 
         Returns:
             :class:`LDMOutput` with the U-Net prediction (B, C, X, Y, Z) and the adapter's class logits and
@@ -107,11 +119,13 @@ class CCELLALDM(nn.Module):
         context, logits = self.adapter(text_features, text_mask, timesteps)
         # softmax in float32: the probabilities are scaled by 100 before the U-Net's class layer
         probs = torch.softmax(logits.float(), dim=-1).to(logits.dtype)
-        side_logits = side_probs = None
+        side_logits = None
         if self.config.unet.side_map:
             side_logits = self.side_head(context)
-            side_probs = torch.softmax(side_logits.float(), dim=-1).to(side_logits.dtype)
-        prediction = self.unet(x, timesteps, context, probs, spacing, side_probs)
+            if side_probs is None:
+                side_probs = torch.softmax(side_logits.float(), dim=-1).to(side_logits.dtype)
+        prediction = self.unet(x, timesteps, context, probs, spacing,
+                               side_probs if self.config.unet.side_map else None)
         return LDMOutput(prediction, logits, probs, side_logits)
 
 

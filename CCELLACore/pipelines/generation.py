@@ -28,7 +28,7 @@ from ..models.serialization import load_model_dir, read_model_config
 from ..models.text_encoder import TextEncoder
 from ..precision import autocast_context, choose_dtype, describe_device
 from ..reports import ReportError, check_report, is_empty_report
-from ..sampling.config import DEFAULT_SAMPLER, SamplingConfig
+from ..sampling.config import DEFAULT_SAMPLER, SamplingConfig, check_guidance_interval
 from ..sampling.guidance import guided_prediction
 from ..sampling.samplers import SUPPORTED_SAMPLERS, make_sampler
 from ..settings import CCELLAConfig
@@ -199,6 +199,7 @@ class CCELLAPipeline:
         spacing: tuple[float, float, float] | None = None,
         unconditional: bool = False,
         progress: bool = False,
+        guidance_interval: tuple[float, float] | None = None,
     ) -> GenerationOutput:
         """Generate one exam.
 
@@ -211,6 +212,8 @@ class CCELLAPipeline:
             guidance: classifier-free guidance scale (1 = none; needs a model trained with condition dropout).
             spacing: output voxel spacing in mm (default: the training set's median).
             unconditional: generate without a report (the null condition).
+            guidance_interval: noise levels ``(low, high)`` (t / T, 1 = pure noise) where guidance applies; default:
+                the model's ``sampling`` config.
         """
         from tqdm.auto import tqdm
 
@@ -218,6 +221,11 @@ class CCELLAPipeline:
         defaults = self.config.sampling
         steps = defaults.steps if steps is None else steps
         guidance = defaults.guidance if guidance is None else guidance
+        try:
+            low, high = check_guidance_interval(defaults.guidance_interval if guidance_interval is None
+                                                else guidance_interval)
+        except ValueError as exc:
+            raise ConfigError(str(exc), key="guidance_interval") from None
         sampler_name = sampler or defaults.sampler or DEFAULT_SAMPLER[self.objective]
         report = self.check_inputs(report, unconditional, steps, guidance, spacing)
         spacing = tuple(float(s) for s in (spacing or self.metadata["spacing"]))
@@ -234,13 +242,19 @@ class CCELLAPipeline:
 
         def model_fn(x_in, t_in, c):
             with autocast_context(self.device, self.dtype):
-                out = self.ldm(x_in, t_in, c["spacing"], c["text"], c["text_mask"])
+                out = self.ldm(x_in, t_in, c["spacing"], c["text"], c["text_mask"], side_probs=c.get("side_probs"))
             return out.prediction.float(), out.class_probs.float()
 
-        # 4. Denoising loop
+        # 4. Denoising loop (side contrast: needs a side-map model and a report)
+        side_contrast = bool(defaults.side_contrast and self.config.ldm.unet.side_map and not unconditional)
         probs = None
         for t in tqdm(scheduler.timesteps, desc="denoise", unit="step", disable=not progress):
-            guided = guided_prediction(model_fn, x, t, cond, uncond, guidance)
+            level = float(t) / self.config.diffusion.num_train_timesteps
+            if side_contrast:
+                side = self.ldm.side_probabilities(cond["text"], cond["text_mask"],
+                                                   torch.as_tensor(t, device=self.device))
+                cond["side_probs"], uncond["side_probs"] = side, side[:, [0, 2, 1]]
+            guided = guided_prediction(model_fn, x, t, cond, uncond, guidance if low <= level <= high else 1.0)
             probs = guided.aux
             x = scheduler.step(guided.prediction, t, x, generator)
         # 5. Decode each sequence and restore physical units
@@ -248,6 +262,7 @@ class CCELLAPipeline:
         class_probability = float(probs[0, 1]) if probs is not None else float("nan")
         settings = {
             "seed": int(seed), "sampler": sampler_name, "steps": int(steps), "guidance": float(guidance),
+            "guidance_interval": [low, high], "side_contrast": side_contrast,
             "spacing": list(spacing), "unconditional": bool(unconditional), "model_hash": self.model_hash,
             "device": describe_device(self.device), "dtype": str(self.dtype).replace("torch.", ""),
             "decoder": self.autoencoder.decoder_name,

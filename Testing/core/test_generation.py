@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 from CCELLACore.cli import main
 from CCELLACore.data import read_volume
 from CCELLACore.data.volume import SYNTHETIC_KEY
-from CCELLACore.errors import CCELLAError
+from CCELLACore.errors import CCELLAError, ConfigError
 from CCELLACore.pipelines.generation import CCELLAPipeline
 from CCELLACore.reports import ReportError
 from CCELLACore.settings import load_config
@@ -98,6 +98,15 @@ def test_generate_is_deterministic_and_marked_synthetic(trained, tmp_path):
     # guidance batches the null condition in; spacing sets the written geometry
     guided = pipe(report, seed=3, steps=2, guidance=2.0, spacing=(3.0, 3.0, 3.5))
     assert guided.exam.volumes["AxT2"].spacing == (3.0, 3.0, 3.5)
+    # guidance applies only at the noise levels of its interval: one that holds no step is no guidance at all
+    plain = pipe(report, seed=3, steps=2)
+    outside = pipe(report, seed=3, steps=2, guidance=2.0, guidance_interval=(0.0, 1e-6))
+    inside = pipe(report, seed=3, steps=2, guidance=2.0, guidance_interval=(0.0, 1.0))
+    assert np.array_equal(outside.exam.volumes["HighB"].array, plain.exam.volumes["HighB"].array)
+    assert not np.array_equal(inside.exam.volumes["HighB"].array, plain.exam.volumes["HighB"].array)
+    assert inside.settings["guidance_interval"] == [0.0, 1.0]
+    with pytest.raises(ConfigError, match=r"0 <= low < high <= 1.*guidance_interval"):
+        pipe(report, seed=3, steps=2, guidance=2.0, guidance_interval=(0.6, 0.2))
     assert pipe(None, unconditional=True, seed=0, steps=2).settings["unconditional"] is True
 
 

@@ -147,3 +147,25 @@ def test_the_reports_side_reaches_the_unet_through_the_side_head(trained):
     mirrored = ldm.unet(x, t, context, probs, spacing, side[:, [0, 2, 1]])
     scale = base.abs().mean()
     assert (mirrored - base).abs().mean() > 1e-4 * scale, "the U-Net ignores its side channel"
+
+
+def test_side_contrast_guidance_changes_only_guided_steps(data, trained, tmp_path):
+    """``sampling.side_contrast``: the null half of guidance gets the report's mirrored side. Without guidance the
+    exam is unchanged; with it, it changes; the sidecar settings say which was used."""
+    from CCELLACore.pipelines.generation import CCELLAPipeline
+
+    config = load_config("tiny", ["ldm.unet.side_map=true", "loss.side_loss_weight=0.5", "train_ldm.lr=0.05"])
+    model_dir = train_ldm(config, data / "prep" / "manifest.csv", trained, tmp_path / "run", device="cpu",
+                          max_steps=2, progress=False, init=trained)
+    pipe = CCELLAPipeline.from_pretrained(model_dir, device="cpu", dtype=torch.float32)
+    report = "Findings: 15 mm lesion in the left peripheral zone, mid gland. Impression: PI-RADS 5."
+    plain = {g: pipe(report, seed=1, steps=2, guidance=g) for g in (1.0, 2.0)}
+    pipe.config = dataclasses.replace(pipe.config, sampling=dataclasses.replace(pipe.config.sampling,
+                                                                                side_contrast=True))
+    contrast = {g: pipe(report, seed=1, steps=2, guidance=g) for g in (1.0, 2.0)}
+    highb = {k: {g: o.exam.volumes["HighB"].array for g, o in v.items()} for k, v in
+             (("plain", plain), ("contrast", contrast))}
+    assert np.array_equal(highb["plain"][1.0], highb["contrast"][1.0])
+    assert not np.array_equal(highb["plain"][2.0], highb["contrast"][2.0])
+    assert contrast[2.0].settings["side_contrast"] is True and plain[2.0].settings["side_contrast"] is False
+    assert pipe(None, unconditional=True, seed=1, steps=2, guidance=2.0).settings["side_contrast"] is False
