@@ -19,12 +19,12 @@ class SamplingConfig:
         steps: model evaluations.
         guidance: classifier-free guidance scale (1 = none).
         guidance_interval: ``[low, high]`` noise levels t / T (1 = pure noise) at which guidance applies; outside
-            it each step uses the conditional prediction alone (and costs one pass instead of two). Where the exam's
-            layout is decided (high noise) guidance makes the report's lesion appear on its side; at low noise it
-            only sharpens intensities and over-brightens lesions (docs/design.md, "Guidance").
+            it each step uses the conditional prediction alone (and costs one pass instead of two). Measured on the
+            demo: guidance matters at high noise, where the lesion is laid out (docs/design.md, "Guidance and side
+            contrast").
         side_contrast: for models with a side map (``ldm.unet.side_map``): the null half of guidance gets the
             report's side mirrored (left <-> right) instead of the null report's, so guidance also pushes the lesion
-            away from the other side (docs/design.md, "Guidance"). No extra model pass.
+            away from the other side (docs/design.md, "Guidance and side contrast"). No extra model pass.
     """
 
     sampler: str | None = None
