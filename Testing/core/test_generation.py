@@ -102,8 +102,11 @@ def test_generate_is_deterministic_and_marked_synthetic(trained, tmp_path):
     plain = pipe(report, seed=3, steps=2)
     outside = pipe(report, seed=3, steps=2, guidance=2.0, guidance_interval=(0.0, 1e-6))
     inside = pipe(report, seed=3, steps=2, guidance=2.0, guidance_interval=(0.0, 1.0))
-    assert np.array_equal(outside.exam.volumes["HighB"].array, plain.exam.volumes["HighB"].array)
-    assert not np.array_equal(inside.exam.volumes["HighB"].array, plain.exam.volumes["HighB"].array)
+    # (compared by size, not bytes: CPU kernels may reorder sums between calls, e.g. AVX2's, ~1e-7 relative;
+    # the tiny model's guidance effect is ~1e-5 relative)
+    def change(out):
+        return float(np.abs(out.exam.volumes["HighB"].array - plain.exam.volumes["HighB"].array).max())
+    assert change(outside) < 0.1 * change(inside)
     assert inside.settings["guidance_interval"] == [0.0, 1.0]
     with pytest.raises(ConfigError, match=r"0 <= low < high <= 1.*guidance_interval"):
         pipe(report, seed=3, steps=2, guidance=2.0, guidance_interval=(0.6, 0.2))

@@ -103,8 +103,8 @@ def test_evaluation_sigkilled_mid_run_ends_with_the_metrics_of_an_uninterrupted_
 
     killed = tmp_path / "killed"
 
-    def entries() -> list[Path]:
-        return sorted((killed / "feature_cache").glob("*/*.npz"))
+    def entries() -> list[Path]:  # finished entries only: pathlib's glob also matches .tmp-* files being written
+        return sorted(p for p in (killed / "feature_cache").glob("*/*.npz") if not p.name.startswith("."))
 
     child = _start(args(killed))
     try:

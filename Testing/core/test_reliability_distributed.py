@@ -23,9 +23,13 @@ from test_reliability_crash import ENV, optimizer_state, train_rows, wait_for_st
 REPO = Path(__file__).resolve().parents[2]
 
 
-def _close(a: torch.Tensor, b: torch.Tensor, rtol: float = 1e-4) -> None:
-    # Relative to the tensor's scale: AdamW's second moments are ~1e-12, its first moments ~1e-6.
-    torch.testing.assert_close(a, b, rtol=rtol, atol=rtol * float(b.abs().max()) + 1e-30)
+def _close(a: torch.Tensor, b: torch.Tensor, tol: float = 1e-2) -> None:
+    # Relative error of the whole tensor (AdamW's second moments are ~1e-12, its first moments ~1e-6): element-wise
+    # tolerances trip on near-zero entries, which with AVX2 kernels (ATEN_CPU_CAPABILITY=avx2) differ by up to a few
+    # 1e-3 of the tensor's scale (whole-tensor error up to 2e-3) between gloo's and one process's sum order. Summed
+    # instead of averaged gradients would double the first moments (error 1.0) and quadruple the second (3.0).
+    error = float((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-300))
+    assert error <= tol, (error, tuple(b.shape))
 
 
 def torchrun_ldm(data: Path, tmp_path: Path, run: Path) -> tuple[list[str], dict[str, str]]:
@@ -66,7 +70,9 @@ def assert_matches_one_process(run: Path, trained: Path) -> None:
     weights_one, weights_two = load_file(str(trained / "ldm.safetensors")), load_file(str(run / "model" /
                                                                                          "ldm.safetensors"))
     for key, value in weights_one.items():
-        torch.testing.assert_close(weights_two[key], value, rtol=1e-4, atol=1e-6)
+        # whole-tensor error: Adam divides by sqrt(v), so entries with near-zero gradients carry the sum-order noise
+        # into the weights (AVX2: up to 1.3e-3 after 6 steps; AVX-512: below 1e-5)
+        _close(weights_two[key], value, tol=1e-2)
 
 
 def test_two_gloo_processes_match_one_process_through_a_rank_death(data, trained, tmp_path):
