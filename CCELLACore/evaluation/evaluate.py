@@ -196,9 +196,11 @@ def evaluate(real_manifest: str | Path, synthetic_manifest: str | Path, out: str
     train_ids = {s.case_id for s in real_all if s.split == "train"} or {s.case_id for s in real_all}
     index = {s.case_id: i for i, s in enumerate(real_pass["studies"])}
 
+    vectors = real_pass["vectors"].reshape(len(real_pass["studies"]), -1)  # (N, D), also when a part is empty
+
     def part(ids_wanted: bool) -> tuple[list[Study], np.ndarray]:
         chosen = [s for s in real_pass["studies"] if (s.case_id in train_ids) == ids_wanted]
-        return chosen, real_pass["vectors"][[index[s.case_id] for s in chosen]].reshape(len(chosen), -1)
+        return chosen, vectors[[index[s.case_id] for s in chosen]]
 
     memorisation = audit(part(True), part(False), (syn_pass["studies"], syn_pass["vectors"]),
                          ratio=settings.audit_ratio)

@@ -151,3 +151,18 @@ def test_synthesize_audit_writes_the_audit_of_what_it_wrote(data, trained, tmp_p
     audit = json.loads((out / "audit.json").read_text(encoding="utf-8"))
     assert len(audit["synthetic"]) == len(read_manifest(out / "manifest.csv").studies) >= 1
     assert audit["possible_copies"] == [] and audit["n_train"] >= 2
+
+
+def test_evaluate_against_real_exams_of_one_split_only(eval_sets, standin, cache, tmp_path):
+    """Real exams all of one split (e.g. a test set alone): the audit takes them all as the training yardstick
+    (leave one patient out) instead of failing on an empty held-out part (found by running `ccella evaluate`
+    against a test split)."""
+    real = [dataclasses.replace(s, split="test") for s in read_manifest(eval_sets["real"]).studies]
+    manifest = write_manifest(real, tmp_path / "real_test" / "manifest.csv")
+    out = tmp_path / "eval"
+    assert main(["evaluate", "--real", str(manifest), "--synthetic", str(eval_sets["same"]), "--out", str(out),
+                 "--standin", str(standin), "--bootstrap", "20", "--kid-subsets", "5", "--diversity-exams", "4",
+                 "--device", "cpu", "--cache", str(cache), "--no-progress"]) == 0
+    audit = json.loads((out / "metrics.json").read_text(encoding="utf-8"))["memorisation"]
+    assert "leave one patient out" in audit["yardstick"]["kind"]
+    assert len(audit["synthetic"]) == len(read_manifest(eval_sets["same"]).studies)
