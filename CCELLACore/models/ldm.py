@@ -89,7 +89,12 @@ class CCELLALDM(nn.Module):
         if timesteps.ndim == 0:
             timesteps = timesteps.expand(text_features.shape[0])
         context, _ = self.adapter(text_features, text_mask, timesteps)
-        return torch.softmax(self.side_head(context).float(), dim=-1)
+        return self._side(context)[1].float()
+
+    def _side(self, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Side head logits and their softmax (taken in float32) from the adapter's context: (B, 3) each."""
+        logits = self.side_head(context)
+        return logits, torch.softmax(logits.float(), dim=-1).to(logits.dtype)
 
     def forward(
         self,
@@ -121,11 +126,9 @@ class CCELLALDM(nn.Module):
         probs = torch.softmax(logits.float(), dim=-1).to(logits.dtype)
         side_logits = None
         if self.config.unet.side_map:
-            side_logits = self.side_head(context)
-            if side_probs is None:
-                side_probs = torch.softmax(side_logits.float(), dim=-1).to(side_logits.dtype)
-        prediction = self.unet(x, timesteps, context, probs, spacing,
-                               side_probs if self.config.unet.side_map else None)
+            side_logits, own = self._side(context)
+            side_probs = own if side_probs is None else side_probs
+        prediction = self.unet(x, timesteps, context, probs, spacing, side_probs)  # the U-Net ignores it without a map
         return LDMOutput(prediction, logits, probs, side_logits)
 
 
