@@ -393,6 +393,10 @@ def detector_validity(
 # ----------------------------------------------------------------------------------------------------------------
 # The evaluation
 # ----------------------------------------------------------------------------------------------------------------
+#: Sampling settings the honour records as the pipeline applied them (the model's defaults; no command-line option).
+SAMPLING_EXTRAS = ("guidance_interval", "side_contrast", "side_scale")
+
+
 def model_settings(pipe: Any, settings: HonourSettings) -> HonourSettings:
     """``settings`` with every unset generation option and phantom grid taken from the model folder."""
     sampling, grid = pipe.config.sampling, pipe.config.phantoms
@@ -446,10 +450,11 @@ def evaluate_honour(pipe: Any, settings: HonourSettings = HonourSettings(), *, p
                                  progress=progress)
 
     records = []
-    sampler_used = None
+    sampler_used, extras = None, {}
     for k, case in enumerate(tqdm(cases, desc="generate + detect", unit="exam", disable=not progress)):
         out = pipe(case.report, seed=k, steps=settings.steps, sampler=sampler, guidance=settings.guidance)
         sampler_used = out.settings.get("sampler", sampler)
+        extras = {key: out.settings[key] for key in SAMPLING_EXTRAS if key in out.settings}
         if tuple(out.exam.volumes["ADC"].shape) != atlas.shape:
             raise CCELLAError(f"generated exam {tuple(out.exam.volumes['ADC'].shape)} and gland atlas "
                               f"{atlas.shape} differ in size")
@@ -482,6 +487,7 @@ def evaluate_honour(pipe: Any, settings: HonourSettings = HonourSettings(), *, p
     return {
         "settings": {
             "model_hash": pipe.model_hash, "steps": settings.steps, "sampler": sampler_used, "guidance": settings.guidance,
+            **extras,  # the model's other sampling defaults, as the pipeline applied them
             "n": settings.n, "seed": settings.seed, "case_indices": [c.index for c in cases],
             "generation_seeds": f"0..{settings.n - 1}", "atlas_seed": settings.atlas_seed,
             "atlas_n": settings.atlas_n, "validation_seed": settings.validation_seed,

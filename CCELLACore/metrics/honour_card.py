@@ -9,7 +9,8 @@ from typing import Any
 
 from ..errors import CCELLAError
 from ..fileio import atomic_write_json, atomic_write_text
-from .honour import AUTOENCODER_VARIANTS, GROUPS, VALIDITY_VARIANTS, _GROUP_TITLES, _fmt, honour_gates
+from .honour import (AUTOENCODER_VARIANTS, GROUPS, SAMPLING_EXTRAS, VALIDITY_VARIANTS, _GROUP_TITLES, _fmt,
+                     honour_gates)
 
 __all__ = ["CARD_START", "CARD_END", "honour_markdown", "write_honour", "update_model_card"]
 
@@ -95,6 +96,9 @@ def honour_markdown(result: dict[str, Any]) -> str:
         "|---|---|",
         f"| Model hash (SHA-256 of weights) | `{s['model_hash']}` |",
         f"| Sampler, steps, guidance | {s['sampler']}, {s['steps']}, {s['guidance']:g} |",
+        *([f"| Other sampling settings (the model's) | "
+           + ", ".join(f"{key.replace('_', ' ')} {s[key]}" for key in SAMPLING_EXTRAS if key in s) + " |"]
+          if any(key in s for key in SAMPLING_EXTRAS) else []),
         f"| Reports (N), phantom seed, institution | {s['n']}, {s['seed']}, {s['institution']} |",
         f"| Generation seeds | {s['generation_seeds']} |",
         f"| Gland atlas | {s['atlas_n']} exams of phantom seed {s['atlas_seed']}, "

@@ -48,6 +48,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="classifier-free guidance scale (1 = none; default: the model's sampling config)")
     parser.add_argument("--guidance-interval", type=float, nargs=2, metavar=("LOW", "HIGH"), default=None,
                         help="noise levels t/T (1 = pure noise) where guidance applies (default: the model's)")
+    parser.add_argument("--side-scale", type=float, default=None,
+                        help="how firmly the report's side places the lesion (side-map models; 1 = as trained; "
+                        "default: the model's)")
     parser.add_argument("--spacing", type=float, nargs=3, metavar=("SX", "SY", "SZ"), default=None,
                         help="output voxel spacing in mm (default: the training set's median)")
     parser.add_argument("--format", choices=sorted(_FORMATS), default="nifti", help="volume file format")
@@ -140,6 +143,7 @@ def run(args: argparse.Namespace) -> int:
         try:
             output = pipe(report, seed=args.seed + k, steps=args.steps, sampler=args.sampler,
                           guidance=args.guidance, guidance_interval=args.guidance_interval,
+                          side_scale=args.side_scale,
                           spacing=tuple(args.spacing) if args.spacing else None,
                           unconditional=report is None, progress=not args.no_progress)
         except ReportError as exc:

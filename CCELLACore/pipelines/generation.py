@@ -28,7 +28,7 @@ from ..models.serialization import load_model_dir, read_model_config
 from ..models.text_encoder import TextEncoder
 from ..precision import autocast_context, choose_dtype, describe_device
 from ..reports import ReportError, check_report, is_empty_report
-from ..sampling.config import DEFAULT_SAMPLER, SamplingConfig, check_guidance_interval
+from ..sampling.config import DEFAULT_SAMPLER, SamplingConfig, check_guidance_interval, check_side_scale
 from ..sampling.guidance import guided_prediction
 from ..sampling.samplers import SUPPORTED_SAMPLERS, make_sampler
 from ..settings import CCELLAConfig
@@ -200,6 +200,7 @@ class CCELLAPipeline:
         unconditional: bool = False,
         progress: bool = False,
         guidance_interval: tuple[float, float] | None = None,
+        side_scale: float | None = None,
     ) -> GenerationOutput:
         """Generate one exam.
 
@@ -214,6 +215,8 @@ class CCELLAPipeline:
             unconditional: generate without a report (the null condition).
             guidance_interval: noise levels ``(low, high)`` (t / T, 1 = pure noise) where guidance applies; default:
                 the model's ``sampling`` config.
+            side_scale: amplitude of the U-Net's side map as a multiple of the side head's reading (models with
+                ``ldm.unet.side_map``); default: the model's ``sampling`` config.
         """
         from tqdm.auto import tqdm
 
@@ -226,6 +229,10 @@ class CCELLAPipeline:
                                                 else guidance_interval)
         except ValueError as exc:
             raise ConfigError(str(exc), key="guidance_interval") from None
+        try:
+            side_scale = check_side_scale(defaults.side_scale if side_scale is None else side_scale)
+        except ValueError as exc:
+            raise ConfigError(str(exc), key="side_scale") from None
         sampler_name = sampler or defaults.sampler or DEFAULT_SAMPLER[self.objective]
         report = self.check_inputs(report, unconditional, steps, guidance, spacing)
         spacing = tuple(float(s) for s in (spacing or self.metadata["spacing"]))
@@ -245,15 +252,21 @@ class CCELLAPipeline:
                 out = self.ldm(x_in, t_in, c["spacing"], c["text"], c["text_mask"], side_probs=c.get("side_probs"))
             return out.prediction.float(), out.class_probs.float()
 
-        # 4. Denoising loop (side contrast: needs a side-map model and a report)
-        side_contrast = bool(defaults.side_contrast and self.config.ldm.unet.side_map and not unconditional)
+        # 4. Denoising loop (side contrast and side scale: need a side-map model and a report)
+        sided = bool(self.config.ldm.unet.side_map and not unconditional)
+        side_contrast = bool(defaults.side_contrast and sided)
+        side_scale = side_scale if sided else 1.0
+        # the map is linear in p_left - p_right, so scaling those two entries scales the map
+        amplitude = torch.tensor([1.0, side_scale, side_scale], device=self.device)
         probs = None
         for t in tqdm(scheduler.timesteps, desc="denoise", unit="step", disable=not progress):
             level = float(t) / self.config.diffusion.num_train_timesteps
-            if side_contrast:
+            if side_contrast or side_scale != 1.0:
                 side = self.ldm.side_probabilities(cond["text"], cond["text_mask"],
-                                                   torch.as_tensor(t, device=self.device))
-                cond["side_probs"], uncond["side_probs"] = side, side[:, [0, 2, 1]]
+                                                   torch.as_tensor(t, device=self.device)) * amplitude
+                cond["side_probs"] = side
+                if side_contrast:
+                    uncond["side_probs"] = side[:, [0, 2, 1]]
             guided = guided_prediction(model_fn, x, t, cond, uncond, guidance if low <= level <= high else 1.0)
             probs = guided.aux
             x = scheduler.step(guided.prediction, t, x, generator)
@@ -262,7 +275,7 @@ class CCELLAPipeline:
         class_probability = float(probs[0, 1]) if probs is not None else float("nan")
         settings = {
             "seed": int(seed), "sampler": sampler_name, "steps": int(steps), "guidance": float(guidance),
-            "guidance_interval": [low, high], "side_contrast": side_contrast,
+            "guidance_interval": [low, high], "side_contrast": side_contrast, "side_scale": side_scale,
             "spacing": list(spacing), "unconditional": bool(unconditional), "model_hash": self.model_hash,
             "device": describe_device(self.device), "dtype": str(self.dtype).replace("torch.", ""),
             "decoder": self.autoencoder.decoder_name,

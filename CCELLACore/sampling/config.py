@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ["SamplingConfig", "DEFAULT_SAMPLER", "check_guidance_interval"]
+__all__ = ["SamplingConfig", "DEFAULT_SAMPLER", "check_guidance_interval", "check_side_scale"]
 
 #: Sampler per objective when neither the call nor the model's ``sampling`` config names one.
 DEFAULT_SAMPLER = {"epsilon": "dpm-solver++", "velocity": "rflow"}
@@ -25,6 +25,10 @@ class SamplingConfig:
         side_contrast: for models with a side map (``ldm.unet.side_map``): the null half of guidance gets the
             report's side mirrored (left <-> right) instead of the null report's, so guidance also pushes the lesion
             away from the other side (docs/design.md, "Guidance and side contrast"). No extra model pass.
+        side_scale: for models with a side map: the map's amplitude at sampling, a multiple of what the side head
+            reads (1 = as trained). The map is linear in the side head's ``p_left - p_right``, so a larger scale
+            tells the U-Net more firmly where the lesion goes; reports without a side (the head reads "none", the
+            map is ~0) are unchanged. Measured on the demo (docs/design.md, "Side scale"). No extra model pass.
     """
 
     sampler: str | None = None
@@ -32,10 +36,12 @@ class SamplingConfig:
     guidance: float = 1.0
     guidance_interval: tuple[float, float] = (0.0, 1.0)
     side_contrast: bool = False
+    side_scale: float = 1.0
 
     def __post_init__(self) -> None:
         if self.steps < 1 or self.guidance < 0:
             raise ValueError(f"sampling.steps must be >= 1 and guidance >= 0, got {self.steps}, {self.guidance}")
+        check_side_scale(self.side_scale)
         low, high = check_guidance_interval(self.guidance_interval)
         object.__setattr__(self, "guidance_interval", (low, high))
 
@@ -49,3 +55,14 @@ def check_guidance_interval(interval) -> tuple[float, float]:
     if not 0.0 <= low < high <= 1.0:
         raise ValueError(f"guidance_interval must satisfy 0 <= low < high <= 1, got [{low}, {high}]")
     return low, high
+
+
+def check_side_scale(scale) -> float:
+    """``scale`` as a float in [0, 10], else ValueError naming it (beyond ~10 the map is far outside training)."""
+    try:
+        value = float(scale)
+    except (TypeError, ValueError):
+        raise ValueError(f"side_scale must be a number in 0..10, got {scale!r}") from None
+    if not 0.0 <= value <= 10.0:
+        raise ValueError(f"side_scale must be in 0..10, got {value}")
+    return value

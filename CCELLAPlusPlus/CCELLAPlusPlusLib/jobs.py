@@ -333,8 +333,9 @@ class JobSceneLogic(StudySceneLogic):
         probability = sidecar.get("predicted_csPCa_probability")
         probability = float(probability) if probability is not None else math.nan
         predicted = "" if math.isnan(probability) else ("csPCa" if probability >= 0.5 else "no csPCa")
-        settings = {k: sidecar[k] for k in ("seed", "sampler", "steps", "guidance", "spacing", "unconditional",
-                                            "model_hash", "device", "dtype") if k in sidecar}
+        settings = {k: sidecar[k] for k in ("seed", "sampler", "steps", "guidance", "guidance_interval",
+                                            "side_contrast", "side_scale", "spacing",
+                                            "unconditional", "model_hash", "device", "dtype") if k in sidecar}
         report = sidecar.get("report") or ""
         attributes = {
             GENERATED_ATTRIBUTE: "true",

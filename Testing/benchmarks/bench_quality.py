@@ -1,114 +1,137 @@
-"""Quality of each sampler setting on the phantom world, with the embedded demo model, so that speed is never bought
-with quality silently.
+"""Quality of each sampler setting on the phantom world, with the embedded demo model, measured by the evaluation's own
+metrics (``ccella evaluate``), so that speed is never bought with quality silently.
 
-The demo model is velocity-trained (rectified flow, default 30 steps), so its samplers are rectified flow at fewer
-or more steps; DDPM / DDIM / DPM-Solver++ need a noise-trained model, and no trained one exists at demo scale. Every
-setting generates the SAME reports with the SAME seeds (paired), and each exam is judged with the honour metric's
-fixed parts (CCELLACore/metrics/honour.py): the anatomy check against real phantom exams, and the lesion detector
-with the gland atlas (a lesion for PI-RADS >= 4 reports, none for PI-RADS 1-2). Also: the correlation of each exam
-with the default setting's exam of the same seed (1.0 = the same volume), and the time per exam.
+One run makes a real set (phantom exams of a seed the model never saw, preprocessed onto the model's grid), then for
+every setting ``ccella synthesize`` makes one synthetic exam per real exam from its report (the same reports and
+generation seeds for every setting: paired) and ``ccella evaluate`` scores it: FID / KID on the stand-in backbone
+(the demo classifier's features) with bootstrap intervals, the classifier's AUC on the synthetic exams against their
+reports' labels, the phantom detector's lesion presence and side against the reports, and MS-SSIM diversity.
 
-Hook for the image-quality metrics (FID / KID, being built in CCELLACore/evaluation/): when that package provides
-``image_quality(generated: list[Exam], real: list[Exam]) -> dict[str, float]``, its figures join the table
-(:func:`evaluation_hook`); until then the column says "not available".
+The demo model is velocity-trained, so its sampler is rectified flow at more or fewer steps; DDPM / DDIM /
+DPM-Solver++ need a noise-trained model, and no trained one exists at demo scale (their cost is in the paper-exam
+table). The many-step row is the reference the faster ones are compared with.
 
-Usage (about 5 minutes idle, 15+ loaded)::
+Usage (about 20 minutes on 2 idle cores for 40 exams and steps 100 30 10)::
 
-    PYTHONPATH=. python Testing/benchmarks/bench_quality.py --threads 2 --n 16 --steps 30 15 10 5
+    PYTHONPATH=. python Testing/benchmarks/bench_quality.py --threads 2 --n 40 --steps 100 30 10
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import shutil
+import tempfile
 import time
+from pathlib import Path
 from typing import Any
-
-import numpy as np
 
 from _common import describe_machine, machine_lines, machine_load, set_threads, table, write_section
 
-
-def evaluation_hook(generated: list, real: list) -> dict[str, float] | None:
-    """FID/KID etc. of ``generated`` against ``real`` exams where CCELLACore.evaluation offers them, else None."""
-    try:
-        from CCELLACore import evaluation  # noqa: F401  (built by the evaluation work; absent until then)
-    except ImportError:
-        return None
-    image_quality = getattr(evaluation, "image_quality", None)
-    return dict(image_quality(generated, real)) if callable(image_quality) else None
+REPO = Path(__file__).resolve().parents[2]
+DEMO_MODEL = REPO / "CCELLACore" / "demo_model"
+DEMO_CLASSIFIER = REPO / "CCELLACore" / "demo_classifier"
 
 
-def _corr(a: np.ndarray, b: np.ndarray) -> float:
-    a, b = a.ravel() - a.mean(), b.ravel() - b.mean()
-    return float(a @ b / max(np.linalg.norm(a) * np.linalg.norm(b), 1e-12))
+def real_set(work: Path, n: int, seed: int, name: str = "real") -> Path:
+    """n phantom exams of ``seed`` on the demo grid, with their truth beside the manifest (for the detector)."""
+    from CCELLACore.cli import main
+
+    phantoms, prep = work / f"phantoms_{name}", work / name
+    assert main(["phantoms", "--config", "demo", "--institution", "1", "--n", str(n), "--seed", str(seed),
+                 "--out", str(phantoms), "--layouts", "none", "--no-progress"]) == 0
+    assert main(["preprocess", "--manifest", str(phantoms / "manifest.csv"), "--config", "demo", "--target", "ldm",
+                 "--out", str(prep), "--workers", "2", "--no-progress"]) == 0
+    shutil.copy(phantoms / "truth.json", prep / "truth.json")
+    return prep / "manifest.csv"
+
+
+def _interval(entry: dict[str, Any] | None, scale: float = 1.0, digits: int = 3) -> str:
+    if not entry or entry.get("value") is None:
+        return "-"
+    value = f"{entry['value'] * scale:.{digits}g}"
+    if entry.get("ci_low") is None:
+        return value
+    return f"{value} [{entry['ci_low'] * scale:.{digits}g}, {entry['ci_high'] * scale:.{digits}g}]"
+
+
+def summarise(metrics: dict[str, Any]) -> dict[str, str]:
+    """The figures of one ``metrics.json`` that the table shows."""
+    standin = metrics["fidelity"].get("standin", {})
+    per = standin.get("per_key", {}) if standin.get("available") else {}
+    faith = metrics.get("faithfulness", {})
+    auc = faith.get("classifier", {}).get("auc")
+    groups = faith.get("phantom_lesions", {}).get("groups", {})
+    return {
+        "fid": "; ".join(f"{_interval(v.get('fid'))}" for v in per.values()) or "-",
+        "kid": "; ".join(f"{_interval(v.get('kid'), 1e3)}" for v in per.values()) or "-",
+        "auc": f"{auc:.3f}" if isinstance(auc, float) else "-",
+        "lesion_45": groups.get("pirads_4_5", {}).get("lesion_found", {}).get("count", "-"),
+        "lesion_12": groups.get("pirads_1_2", {}).get("lesion_found", {}).get("count", "-"),
+        "side": groups.get("pirads_4_5", {}).get("side_correct", {}).get("count", "-"),
+        "diversity": "; ".join(f"{name} {v['synthetic'].get('mean', float('nan')):.3f}"
+                               for name, v in metrics.get("diversity", {}).items()),
+    }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--n", type=int, default=16, help="reports per setting")
-    parser.add_argument("--steps", type=int, nargs="+", default=[30, 15, 10, 5], help="rflow steps; first = reference")
-    parser.add_argument("--decoder", choices=("full", "light"), default="full")
+    parser.add_argument("--n", type=int, default=40, help="real exams = synthetic exams per setting")
+    parser.add_argument("--seed", type=int, default=1000, help="phantom seed of the real set (never trained on)")
+    parser.add_argument("--steps", type=int, nargs="+", default=[100, 30, 10], help="rflow steps; first = reference")
+    parser.add_argument("--bootstrap", type=int, default=500)
+    parser.add_argument("--work", type=Path, default=None, help="keep the exams here (default: a temporary folder)")
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args()
     set_threads(args.threads)
     machine = describe_machine(args.threads)
 
-    from CCELLACore.metrics.honour import (HonourSettings, _case_base, _detect, anatomy, evaluation_cases,
-                                           grid_reference, model_settings, real_exam_on_grid)
-    from CCELLACore.metrics.lesion_detector import DetectorThresholds
-    from CCELLACore.pipelines.generate_cli import DEMO_MODEL_DIR
-    from CCELLACore.pipelines.generation import CCELLAPipeline
+    from CCELLACore.cli import main as ccella
+    from CCELLACore.settings import load_config
 
-    pipe = CCELLAPipeline.from_pretrained(DEMO_MODEL_DIR, device="cpu", decoder=args.decoder)
-    settings = model_settings(pipe, HonourSettings(n=args.n))
-    config = pipe.config.preprocess.ldm
-    atlas, references = grid_reference(config, settings)
-    cases = evaluation_cases(args.n, settings.seed, settings.institution)
-    real = [real_exam_on_grid(c.index, settings.seed, config, settings) for c in cases] \
-        if evaluation_hook([], []) is not None else []
-    results: dict[int, dict[str, Any]] = {}
-    reference_volumes: list[dict[str, np.ndarray]] = []
+    work = args.work or Path(tempfile.mkdtemp(prefix="bench_quality_"))
+    real = real_set(work, args.n, args.seed)
+    sampling = load_config(DEMO_MODEL / "config.yaml").sampling
+    rows, raw = [], {}
+
+    def score(label: str, name: str, manifest: Path, seconds: str) -> None:
+        print(f"{name}: evaluate ...", flush=True)
+        assert ccella(["evaluate", "--real", str(real), "--synthetic", str(manifest),
+                       "--out", str(work / f"eval_{name}"), "--standin", str(DEMO_CLASSIFIER),
+                       "--classifier", str(DEMO_CLASSIFIER), "--bootstrap", str(args.bootstrap),
+                       "--cache", str(work / "cache"), "--no-progress"]) == 0
+        metrics = json.loads((work / f"eval_{name}" / "metrics.json").read_text())
+        raw[name] = metrics
+        s = summarise(metrics)
+        rows.append([label, seconds, s["fid"], s["kid"], s["auc"], s["lesion_45"], s["lesion_12"], s["side"],
+                     s["diversity"]])
+
+    # the floor: other real exams of the same world, scored as if synthetic
+    score(f"real exams of seed {args.seed + 1} (floor)", "floor", real_set(work, args.n, args.seed + 1, "floor"), "-")
     for steps in args.steps:
-        print(f"rflow {steps} steps x {args.n} exams ...", flush=True)
-        records, exams, seconds = [], [], 0.0
-        for k, case in enumerate(cases):
-            started = time.perf_counter()
-            out = pipe(case.report, seed=k, steps=steps, sampler="rflow")
-            seconds += time.perf_counter() - started
-            base = _case_base(case)
-            record = {"group": base["group"], **_detect(out.exam, atlas, base["truth_side"], DetectorThresholds()),
-                      **anatomy(out.exam, references)}
-            volumes = {n: np.asarray(v.array, np.float64) for n, v in out.exam.volumes.items()}
-            if steps == args.steps[0]:
-                reference_volumes.append(volumes)
-            record["r_to_reference"] = min(_corr(volumes[n], reference_volumes[k][n]) for n in volumes)
-            records.append(record)
-            exams.append(out.exam)
-        results[steps] = {"records": records, "seconds": seconds / args.n,
-                          "image_quality": evaluation_hook(exams, real) if real else None}
+        name = f"rflow_{steps}"
+        print(f"{name}: synthesize {args.n} exams ...", flush=True)
+        started = time.perf_counter()
+        assert ccella(["synthesize", "--manifest", str(real), "--model", str(DEMO_MODEL), "--out",
+                       str(work / name), "--sampler", "rflow", "--steps", str(steps), "--no-progress"]) == 0
+        seconds = (time.perf_counter() - started) / args.n
+        score(f"rflow {steps}", name, work / name / "manifest.csv", f"{seconds:.2f} s")
     end_load = machine_load()
-
-    def rate(records, group, key="detected"):
-        chosen = [r for r in records if r["group"] == group]
-        return f"{sum(bool(r[key]) for r in chosen)}/{len(chosen)}" if chosen else "-"
-
-    rows = []
-    for steps, res in results.items():
-        recs = res["records"]
-        quality = res["image_quality"]
-        rows.append([f"rflow {steps}", f"{res['seconds']:.2f} s", f"{sum(r['anatomy'] for r in recs)}/{len(recs)}",
-                     rate(recs, "pirads_4_5"), rate(recs, "pirads_1_2"),
-                     f"{np.median([r['r_to_reference'] for r in recs]):.3f}",
-                     ", ".join(f"{k} {v:.3g}" for k, v in quality.items()) if quality else "not available"])
+    (work / "bench_quality.json").write_text(json.dumps(raw, indent=1, default=str))
     lines = machine_lines(machine, end_load) + [
-        f"- Demo model (velocity-trained, default rflow {pipe.config.sampling.steps} steps), {args.decoder} decoder, "
-        f"{args.n} phantom reports of seed {settings.seed} (never trained on), generation seeds 0..{args.n - 1}, "
-        "the same for every row. Lesion found = the honour metric's fixed detector with the gland atlas.", "",
-        *table(["sampler", "time per exam", "anatomy", "lesion found, PI-RADS >= 4", "lesion found, PI-RADS 1-2",
-                f"median r to rflow {args.steps[0]} (same seed)", "FID / KID (CCELLACore.evaluation)"], rows), "",
-        "DDPM 1000 / DDIM 50 / DPM-Solver++ need a noise-trained model; no trained one exists at demo scale, so their "
-        "quality is not measured here (their cost is in the paper-exam table).",
+        f"- Demo model (velocity-trained; its sampling defaults: guidance {sampling.guidance:g}, side contrast "
+        f"{sampling.side_contrast}, side scale {sampling.side_scale:g}), "
+        f"full decoder; real set: {args.n} phantom exams of seed {args.seed} (never trained on), preprocessed onto "
+        f"the model's grid; each setting synthesizes one exam per real exam from its report, generation seeds "
+        f"0..{args.n - 1} for every row (paired). Figures from `ccella evaluate` with the demo classifier as the "
+        f"stand-in backbone and as the faithfulness classifier, {args.bootstrap} bootstrap resamples (95% "
+        "intervals in brackets). KID x 1000. Lesion / side: the phantom detector against the reports. Time per "
+        "exam includes writing it.", "",
+        *table(["sampler", "time per exam", "FID (stand-in)", "KID x 1e3 (stand-in)", "classifier AUC",
+                "lesion, PI-RADS >= 4", "lesion, PI-RADS 1-2", "side right", "MS-SSIM (synthetic)"], rows), "",
+        "A faster setting keeps the quality bar when its FID and KID intervals overlap the reference row's and its "
+        "lesion counts are within one or two exams of it.",
     ]
     print("\n".join(lines))
     if not args.no_write:

@@ -84,6 +84,9 @@ def test_honour_script_on_a_tiny_model(tiny_model, tmp_path):
     assert summary["auc"]["positives"] == labels.count(1) and summary["auc"]["negatives"] == labels.count(0)
     assert settings["model_hash"] == hash_before and settings["steps"] == 2 and settings["n"] == 4
     assert settings["sampler"] == "dpm-solver++" and settings["machine"].startswith("CPU")
+    # the model's other sampling defaults, as applied (the tiny model has no side map: scale 1, no contrast)
+    assert settings["side_scale"] == 1.0 and settings["side_contrast"] is False
+    assert settings["guidance_interval"] == [0.0, 1.0]
     assert result["atlas"]["voxels"] > 100
     validity = result["detector_validity"]
     assert len(validity["records"]) == 4
@@ -104,6 +107,8 @@ def test_honour_script_on_a_tiny_model(tiny_model, tmp_path):
     assert "| Measure | Result | Target |" in markdown
     assert f"| Lesion found, report PI-RADS >= 4 | {summary['pirads_4_5']['lesion_found']['count']}" in markdown
     assert hash_before in markdown and "Wall time" in markdown
+    assert ("| Other sampling settings (the model's) | guidance interval [0.0, 1.0], side contrast False, "
+            "side scale 1.0 |" in markdown)
     # No report text anywhere in the outputs (any 30-character piece of any report).
     outputs = (out / "honour.json").read_text(encoding="utf-8") + markdown
     for case in cases:

@@ -149,15 +149,20 @@ def test_the_reports_side_reaches_the_unet_through_the_side_head(trained):
     assert (mirrored - base).abs().mean() > 1e-4 * scale, "the U-Net ignores its side channel"
 
 
-def test_side_contrast_guidance_changes_only_guided_steps(data, trained, tmp_path):
+@pytest.fixture(scope="module")
+def side_model(data, trained, tmp_path_factory):
+    """The tiny model grown by a side map and trained 2 steps at a high learning rate (so the map matters)."""
+    config = load_config("tiny", ["ldm.unet.side_map=true", "loss.side_loss_weight=0.5", "train_ldm.lr=0.05"])
+    return train_ldm(config, data / "prep" / "manifest.csv", trained, tmp_path_factory.mktemp("side") / "run",
+                     device="cpu", max_steps=2, progress=False, init=trained)
+
+
+def test_side_contrast_guidance_changes_only_guided_steps(side_model):
     """``sampling.side_contrast``: the null half of guidance gets the report's mirrored side. Without guidance the
     exam is unchanged; with it, it changes; the sidecar settings say which was used."""
     from CCELLACore.pipelines.generation import CCELLAPipeline
 
-    config = load_config("tiny", ["ldm.unet.side_map=true", "loss.side_loss_weight=0.5", "train_ldm.lr=0.05"])
-    model_dir = train_ldm(config, data / "prep" / "manifest.csv", trained, tmp_path / "run", device="cpu",
-                          max_steps=2, progress=False, init=trained)
-    pipe = CCELLAPipeline.from_pretrained(model_dir, device="cpu", dtype=torch.float32)
+    pipe = CCELLAPipeline.from_pretrained(side_model, device="cpu", dtype=torch.float32)
     report = "Findings: 15 mm lesion in the left peripheral zone, mid gland. Impression: PI-RADS 5."
     plain = {g: pipe(report, seed=1, steps=2, guidance=g) for g in (1.0, 2.0)}
     pipe.config = dataclasses.replace(pipe.config, sampling=dataclasses.replace(pipe.config.sampling,
@@ -171,3 +176,29 @@ def test_side_contrast_guidance_changes_only_guided_steps(data, trained, tmp_pat
     assert unguided < 0.1 * guided, (unguided, guided)
     assert contrast[2.0].settings["side_contrast"] is True and plain[2.0].settings["side_contrast"] is False
     assert pipe(None, unconditional=True, seed=1, steps=2, guidance=2.0).settings["side_contrast"] is False
+
+
+def test_side_scale_multiplies_the_map_and_leaves_unsided_generation_alone(side_model):
+    """``sampling.side_scale``: the U-Net's map is k times the side head's reading; 1 gives the trained model's exam,
+    another scale changes it, the unconditional exam ignores it, and a bad scale names its key."""
+    from CCELLACore.errors import ConfigError
+    from CCELLACore.pipelines.generation import CCELLAPipeline
+
+    probs, x = torch.tensor([[0.2, 0.7, 0.1]]), torch.zeros(1, 4, 8, 2, 2)
+    scaled = probs * torch.tensor([1.0, 3.0, 3.0])
+    assert torch.allclose(side_map(scaled, x), 3 * side_map(probs, x))
+
+    pipe = CCELLAPipeline.from_pretrained(side_model, device="cpu", dtype=torch.float32)
+    report = "Findings: 15 mm lesion in the left peripheral zone, mid gland. Impression: PI-RADS 5."
+    runs = {k: pipe(report, seed=1, steps=2, side_scale=k) for k in (None, 1.0, 4.0)}
+    highb = {k: o.exam.volumes["HighB"].array for k, o in runs.items()}
+    # compared by size, not bytes (CPU kernels may reorder sums between calls)
+    same = float(np.abs(highb[None] - highb[1.0]).max())
+    moved = float(np.abs(highb[4.0] - highb[1.0]).max())
+    assert same < 0.1 * moved, (same, moved)
+    assert runs[4.0].settings["side_scale"] == 4.0 and runs[None].settings["side_scale"] == 1.0
+    assert pipe(None, unconditional=True, seed=1, steps=2, side_scale=4.0).settings["side_scale"] == 1.0
+    with pytest.raises(ConfigError, match="side_scale"):
+        pipe(report, seed=1, steps=2, side_scale=-1.0)
+    with pytest.raises(ConfigError, match="side_scale"):
+        load_config("tiny", ["sampling.side_scale=11"])

@@ -1,5 +1,6 @@
 """``ccella domain-adaptation`` with ``study_tiny.yaml`` on phantom Institutions 1 and 2: killed with SIGKILL after
-its first cell and started again, it skips the finished cells and ends with the table, statistics and figures; the
+its first cell and started again, it skips the finished cells, the cut cell ends as an uninterrupted run of it, and
+the study ends with the table, statistics and figures; the
 Institution-2 subsets are nested, stratified and per trial; bad configs and inputs give errors naming key, file or
 case."""
 
@@ -8,6 +9,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -29,9 +31,22 @@ from CCELLACore.study.runner import evaluate, plan_cells, prepare_data, run_stud
 REPO = Path(__file__).resolve().parents[2]
 
 
+def _cell_in_training(out: Path) -> str | None:
+    """Key of a cell that has a checkpoint but no result yet, once at least one cell has its result."""
+    done = {p.relative_to(out / "cells").with_suffix("").as_posix() for p in (out / "cells").rglob("*.json")}
+    if not done:
+        return None
+    for checkpoints in (out / "runs").rglob("checkpoints"):
+        key = checkpoints.parent.relative_to(out / "runs").as_posix()
+        if key not in done and any(checkpoints.glob("*/*.safetensors")):
+            return key
+    return None
+
+
 @pytest.fixture(scope="module")
 def study(tmp_path_factory) -> dict:
-    """The tiny study, SIGKILLed in a subprocess once its first cell is written, then resumed in this process."""
+    """The tiny study, SIGKILLed in a subprocess after its first cell, while a later cell has a checkpoint but no
+    result yet, then resumed in this process."""
     out = tmp_path_factory.mktemp("study_tiny")
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "",
            "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
@@ -40,8 +55,9 @@ def study(tmp_path_factory) -> dict:
         proc = subprocess.Popen([sys.executable, "-m", "CCELLACore.cli", "domain-adaptation", "--config", "tiny",
                                  "--out", str(out), "--device", "cpu", "--no-progress"], env=env,
                                 stdout=sink, stderr=subprocess.STDOUT)
-        while not list((out / "cells").rglob("*.json")) and proc.poll() is None:
-            time.sleep(0.1)
+        cut = None
+        while proc.poll() is None and (cut := _cell_in_training(out)) is None:
+            time.sleep(0.05)
     assert proc.poll() is None, f"the study ended before it could be killed: {log.read_text()[-2000:]}"
     proc.send_signal(signal.SIGKILL)
     proc.wait()
@@ -49,7 +65,23 @@ def study(tmp_path_factory) -> dict:
     config = load_study_config("tiny")
     assert 1 <= len(before) < len(plan_cells(config))
     summary = run_study(config, out, device="cpu", progress=False)
-    return {"out": out, "config": config, "summary": summary, "before": before}
+    return {"out": out, "config": config, "summary": summary, "before": before, "cut": cut}
+
+
+def test_the_cell_cut_by_the_kill_ends_as_an_uninterrupted_run_of_it(study, tmp_path):
+    """The cell the kill cut (resumed from its checkpoint) against the same cell run from the start without a kill
+    (a copy of the finished study with that cell's result and run removed): the same test scores."""
+    out, config, cut = study["out"], study["config"], study["cut"]
+    resumed = read_json(out / "cells" / f"{cut}.json")
+    again = tmp_path / "study"
+    shutil.copytree(out, again)
+    (again / "cells" / f"{cut}.json").unlink()
+    shutil.rmtree(again / "runs" / cut)
+    run_study(config, again, device="cpu", progress=False)
+    fresh = read_json(again / "cells" / f"{cut}.json")
+    assert fresh["test"]["case_ids"] == resumed["test"]["case_ids"]
+    np.testing.assert_allclose(fresh["test"]["scores"], resumed["test"]["scores"], rtol=0, atol=1e-5)
+    assert (fresh["auc"], fresh["ap"]) == pytest.approx((resumed["auc"], resumed["ap"]), abs=1e-9)
 
 
 def test_killed_study_resumes_and_writes_table_statistics_and_figures(study):
