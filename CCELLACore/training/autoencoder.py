@@ -92,6 +92,9 @@ class AutoencoderTrainingConfig:
         seed: base seed (weights, sample order, crops, flips, the latent noise).
         random_flip: flip each sample left-right (axis 0, the patient's L-R axis on the LPS-oriented grid) with
             probability 0.5; the anatomy is roughly symmetric, and the other axes are not.
+        train_encoder: False = the encoder (and its latent heads) stays as loaded and only the decoder learns:
+            the latent space, and so any diffusion model trained on it, stays valid (fine-tuning a decoder with
+            ``autoencoder.weights_path``).
     """
 
     batch_size: int = 1
@@ -117,6 +120,7 @@ class AutoencoderTrainingConfig:
     checkpoint_every: int = 1000
     seed: int = 0
     random_flip: bool = True
+    train_encoder: bool = True
 
     def __post_init__(self) -> None:
         for name in ("batch_size", "max_steps", "log_every", "validate_every", "checkpoint_every", "disc_channels",
@@ -403,6 +407,9 @@ def train_autoencoder(
     from ..models.autoencoder import build_autoencoder
 
     cfg: AutoencoderTrainingConfig = config.train_autoencoder
+    if not cfg.train_encoder and config.autoencoder.weights_path is None:
+        raise ConfigError("a frozen encoder needs trained weights to keep: set autoencoder.weights_path",
+                          key="train_autoencoder.train_encoder")
     if max_steps is not None:
         cfg = replace(cfg, max_steps=max_steps)
     ae_cfg = config.autoencoder
@@ -441,7 +448,11 @@ def train_autoencoder(
     if ae_cfg.weights_path is not None and ctx.is_main:
         logger.info("fine-tuning from %s", Path(ae_cfg.weights_path).name)
     model.train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if not cfg.train_encoder:
+        for part in (model.encoder, model.quant_conv_mu, model.quant_conv_log_sigma):
+            part.requires_grad_(False)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
     models: dict[str, nn.Module] = {"autoencoder": model}
     optimizers: dict[str, torch.optim.Optimizer] = {"autoencoder": optimizer}
     use_gan = cfg.adversarial_weight > 0
@@ -512,7 +523,7 @@ def train_autoencoder(
         losses["total"] = total_loss
         optimizer.zero_grad(set_to_none=True)
         total_loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        grad_norm = torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip)
         optimizer.step()
 
         if gan_on:

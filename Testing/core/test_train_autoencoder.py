@@ -204,3 +204,20 @@ def test_weights_path_fine_tunes_from_given_weights(prep, full_run, tmp_path):
     meta = read_json(tmp_path / "model" / "model.json")
     assert meta["extra"]["initialised_from"] == "autoencoder.safetensors"
     assert "weights_path: null" in (tmp_path / "model" / "config.yaml").read_text(encoding="utf-8")
+
+
+def test_decoder_only_fine_tuning_keeps_the_encoder_and_so_the_latents(prep, full_run, tmp_path):
+    """``train_encoder: false``: the saved encoder and latent heads equal the loaded ones bit for bit (a diffusion
+    model trained on its latents stays valid), the decoder changes; without loaded weights it is refused."""
+    config = load_config("tiny")
+    weights = full_run / "model" / "autoencoder.safetensors"
+    with pytest.raises(ConfigError, match="train_autoencoder.train_encoder"):
+        train_autoencoder(_tiny(train_encoder=False), prep, tmp_path / "no_weights", device="cpu", progress=False)
+    tuned = dataclasses.replace(config, autoencoder=dataclasses.replace(config.autoencoder, weights_path=weights),
+                                train_autoencoder=dataclasses.replace(config.train_autoencoder, max_steps=2,
+                                                                      lr=1e-2, train_encoder=False))
+    train_autoencoder(tuned, prep, tmp_path / "run", device="cpu", progress=False)
+    before, after = load_file(str(weights)), load_file(str(tmp_path / "run" / "model" / "autoencoder.safetensors"))
+    frozen = ("encoder.", "quant_conv_mu.", "quant_conv_log_sigma.")
+    assert all(torch.equal(after[k], before[k]) for k in before if k.startswith(frozen))
+    assert any(not torch.equal(after[k], before[k]) for k in before if k.startswith("decoder."))
