@@ -1,7 +1,7 @@
 """Quality of each sampler setting on the phantom world, with the embedded demo model, measured by the evaluation's own
 metrics (``ccella evaluate``), so that speed is never bought with quality silently.
 
-One run makes a real set (phantom exams of a seed the model never saw, preprocessed onto the model's grid), then for
+One run makes a real set (phantom exams of a seed the model never saw, in physical units), then for
 every setting ``ccella synthesize`` makes one synthetic exam per real exam from its report (the same reports and
 generation seeds for every setting: paired) and ``ccella evaluate`` scores it: FID / KID on the stand-in backbone
 (the demo classifier's features) with bootstrap intervals, the classifier's AUC on the synthetic exams against their
@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -34,16 +33,14 @@ DEMO_CLASSIFIER = REPO / "CCELLACore" / "demo_classifier"
 
 
 def real_set(work: Path, n: int, seed: int, name: str = "real") -> Path:
-    """n phantom exams of ``seed`` on the demo grid, with their truth beside the manifest (for the detector)."""
+    """n phantom exams of ``seed`` as the demo's phantom world renders them (physical units, own masks; their truth
+    beside the manifest for the detector), the real data a user would give ``ccella evaluate``."""
     from CCELLACore.cli import main
 
-    phantoms, prep = work / f"phantoms_{name}", work / name
+    phantoms = work / f"phantoms_{name}"
     assert main(["phantoms", "--config", "demo", "--institution", "1", "--n", str(n), "--seed", str(seed),
                  "--out", str(phantoms), "--layouts", "none", "--no-progress"]) == 0
-    assert main(["preprocess", "--manifest", str(phantoms / "manifest.csv"), "--config", "demo", "--target", "ldm",
-                 "--out", str(prep), "--workers", "2", "--no-progress"]) == 0
-    shutil.copy(phantoms / "truth.json", prep / "truth.json")
-    return prep / "manifest.csv"
+    return phantoms / "manifest.csv"
 
 
 def _interval(entry: dict[str, Any] | None, scale: float = 1.0, digits: int = 3) -> str:
@@ -122,8 +119,7 @@ def main() -> None:
     lines = machine_lines(machine, end_load) + [
         f"- Demo model (velocity-trained; its sampling defaults: guidance {sampling.guidance:g}, side contrast "
         f"{sampling.side_contrast}, side scale {sampling.side_scale:g}), "
-        f"full decoder; real set: {args.n} phantom exams of seed {args.seed} (never trained on), preprocessed onto "
-        f"the model's grid; each setting synthesizes one exam per real exam from its report, generation seeds "
+        f"full decoder; real set: {args.n} phantom exams of seed {args.seed} (never trained on); each setting synthesizes one exam per real exam from its report, generation seeds "
         f"0..{args.n - 1} for every row (paired). Figures from `ccella evaluate` with the demo classifier as the "
         f"stand-in backbone and as the faithfulness classifier, {args.bootstrap} bootstrap resamples (95% "
         "intervals in brackets). KID x 1000. Lesion / side: the phantom detector against the reports. Time per "
