@@ -85,7 +85,7 @@ def _load_teacher(model_dir: Path) -> tuple[torch.nn.Module, AutoencoderConfig, 
 def _latents(teacher, manifest_path: Path, sequences: tuple[str, ...], device, dtype, seed: int, held_out: float):
     """Posterior-mean latents (N, 4, x, y, z) of every sequence of every usable exam, split by case."""
     from ..data.manifest import read_manifest
-    from .autoencoder import load_sequence_samples
+    from .autoencoder_data import load_sequence_samples
 
     manifest = read_manifest(manifest_path)
     samples, skipped = load_sequence_samples(manifest.studies, sequences, source=manifest_path)
