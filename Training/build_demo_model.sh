@@ -14,16 +14,17 @@ ccella preprocess --manifest "$work/phantoms/manifest.csv" --config demo --targe
 ccella train-autoencoder --config demo --manifest "$work/prep/manifest.csv" --out "$work/ae_run" --max-steps 1000
 ccella train-ldm --config demo --manifest "$work/prep/manifest.csv" --autoencoder "$work/ae_run/model" --out "$work/ldm_run"
 # Stage 2 (~35 min): grow the stage-1 model by a side head and a side-map input (new weights start at zero, so it
-# starts as the stage-1 model), fine-tune 8000 steps; sample with guidance 2, side contrast and side scale 2 (tuned
-# on phantom seeds 1000, 4000 and 5000; docs/design.md "Guidance and side contrast", "Side scale").
+# starts as the stage-1 model), fine-tune 8000 steps; sample in 10 steps with guidance 2, side contrast and side
+# scale 2 (tuned on phantom seeds 1000, 4000 and 5000; docs/design.md "Guidance and side contrast", "Side scale";
+# 10 steps: BENCHMARKS.md "Sampler quality").
 ccella train-ldm --config demo --manifest "$work/prep/manifest.csv" --autoencoder "$work/ae_run/model" \
   --init "$work/ldm_run/model" --out "$work/ldm_side" --max-steps 8000 \
   --set ldm.unet.side_map=true --set loss.side_loss_weight=0.2 --set train_ldm.lr=3e-4 --set train_ldm.warmup_steps=200 \
-  --set sampling.guidance=2.0 --set sampling.side_contrast=true --set sampling.side_scale=2.0
-# Figures on 50 reports of phantom seed 7000 (never used in training or tuning); the detector is validated on seed
+  --set sampling.steps=10 --set sampling.guidance=2.0 --set sampling.side_contrast=true --set sampling.side_scale=2.0
+# Figures on 50 reports of phantom seed 8000 (never used in training or tuning); the detector is validated on seed
 # 3000. Sampler, steps, guidance and the phantom grid come from the model folder.
 # The model card's descriptive part (CCELLACore/demo_model/README.md) is kept; weights, config and model.json are
 # replaced and the figures section is rewritten by `ccella honour --update-card`.
 rm -f CCELLACore/demo_model/*.safetensors
 cp "$work/ldm_side/model/"{config.yaml,model.json,*.safetensors} CCELLACore/demo_model/
-ccella honour --model CCELLACore/demo_model --n 50 --seed 7000 --out "$work/honour" --update-card
+ccella honour --model CCELLACore/demo_model --n 50 --seed 8000 --out "$work/honour" --update-card
