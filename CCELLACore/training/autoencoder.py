@@ -33,7 +33,7 @@ from torch.nn.parallel import DistributedDataParallel
 from ..data.manifest import read_manifest
 from ..data.study import SEQUENCES
 from ..errors import ConfigError, DataError
-from .autoencoder_data import _gather, load_sequence_samples, sample_batch
+from .autoencoder_data import gather_crops, load_sequence_samples, sample_batch
 from .checkpoint import TrainingState, config_hash, find_checkpoint, load_checkpoint, save_checkpoint
 from .distributed import DistributedContext, init_distributed, run_record
 from .ema import EMA
@@ -367,7 +367,7 @@ def train_autoencoder(
         lr = polynomial_lr(cfg.lr, state.step, cfg.max_steps, cfg.lr_power)
         index, corners, flips = sample_batch(len(train), state.step, cfg.batch_size, ctx, cfg.seed, train.grid_size,
                                              patch, cfg.random_flip)
-        x = _gather(train.images, index, corners, flips, patch).to(dev)
+        x = gather_crops(train.images, index, corners, flips, patch).to(dev)
         gan_on = use_gan and state.step >= cfg.adversarial_start
 
         set_lr(optimizer, lr)

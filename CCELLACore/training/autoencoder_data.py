@@ -14,7 +14,7 @@ import torch
 from ..errors import DataError
 from .distributed import DistributedContext
 
-__all__ = ["SequenceSamples", "load_sequence_samples", "sample_batch"]
+__all__ = ["SequenceSamples", "load_sequence_samples", "sample_batch", "gather_crops"]
 
 #: Intensities of an LDM-preprocessed volume lie in [0, 1]; a little slack for interpolation, none for raw data.
 _INTENSITY_RANGE = (-0.05, 1.05)
@@ -133,8 +133,8 @@ def sample_batch(n: int, step: int, batch_size: int, ctx: DistributedContext, se
     return chunk[ctx.rank:: ctx.world_size], corners[ctx.rank:: ctx.world_size], flips[ctx.rank:: ctx.world_size]
 
 
-def _gather(images: torch.Tensor, index: torch.Tensor, corners: torch.Tensor, flips: torch.Tensor,
-            patch: tuple[int, int, int] | None) -> torch.Tensor:
+def gather_crops(images: torch.Tensor, index: torch.Tensor, corners: torch.Tensor, flips: torch.Tensor,
+                 patch: tuple[int, int, int] | None) -> torch.Tensor:
     """(B, 1, *patch) crops of ``images`` (N, 1, X, Y, Z), flipped along X where ``flips``."""
     out = []
     for i, corner, flipped in zip(index.tolist(), corners.tolist(), flips.tolist()):

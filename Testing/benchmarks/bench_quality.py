@@ -119,8 +119,9 @@ def main() -> None:
     lines = machine_lines(machine, end_load) + [
         f"- Demo model (velocity-trained; its sampling defaults: guidance {sampling.guidance:g}, side contrast "
         f"{sampling.side_contrast}, side scale {sampling.side_scale:g}), "
-        f"full decoder; real set: {args.n} phantom exams of seed {args.seed} (never trained on); each setting synthesizes one exam per real exam from its report, generation seeds "
-        f"0..{args.n - 1} for every row (paired). Figures from `ccella evaluate` with the demo classifier as the "
+        f"full decoder; real set: {args.n} phantom exams of seed {args.seed} (never trained on); each setting "
+        f"synthesizes one exam per real exam from its report, generation seeds 0..{args.n - 1} for every row "
+        "(paired). Figures from `ccella evaluate` with the demo classifier as the "
         f"stand-in backbone and as the faithfulness classifier, {args.bootstrap} bootstrap resamples (95% "
         "intervals in brackets). KID x 1000. Lesion / side: the phantom detector against the reports. Time per "
         "exam includes writing it.", "",

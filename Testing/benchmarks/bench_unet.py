@@ -42,7 +42,8 @@ def build_step(latent: tuple[int, int, int], config: str = "paper", channels_las
 
     def step(dtype: str, net=None):
         with torch.no_grad(), autocast_context("cpu", dtypes[dtype]):
-            return (net or model)(x, t, spacing, text, mask).prediction
+            # `net or model` would ask a compiled module for its truth value, which it does not have
+            return (model if net is None else net)(x, t, spacing, text, mask).prediction
 
     return model, step
 
