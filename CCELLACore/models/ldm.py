@@ -11,6 +11,7 @@ class loss.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -82,20 +83,6 @@ class CCELLALDM(nn.Module):
             # (LossConfig.side_loss_weight) and, through the U-Net's side map, by the denoising loss.
             self.side_head = ClassHead(config.adapter.width, config.adapter.class_hidden, len(SIDES))
 
-    @torch.no_grad()
-    def side_probabilities(self, text_features: torch.Tensor, text_mask: torch.Tensor,
-                           timesteps: torch.Tensor) -> torch.Tensor:
-        """(B, 3) softmax of the side head at ``timesteps`` (the adapter is timestep-aware); needs ``side_map``."""
-        if timesteps.ndim == 0:
-            timesteps = timesteps.expand(text_features.shape[0])
-        context, _ = self.adapter(text_features, text_mask, timesteps)
-        return self._side(context)[1].float()
-
-    def _side(self, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Side head logits and their softmax (taken in float32) from the adapter's context: (B, 3) each."""
-        logits = self.side_head(context)
-        return logits, torch.softmax(logits.float(), dim=-1).to(logits.dtype)
-
     def forward(
         self,
         x: torch.Tensor,
@@ -103,7 +90,7 @@ class CCELLALDM(nn.Module):
         spacing: torch.Tensor,
         text_features: torch.Tensor,
         text_mask: torch.Tensor,
-        side_probs: torch.Tensor | None = None,
+        side_transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
     ) -> LDMOutput:
         """
         Args:
@@ -112,8 +99,9 @@ class CCELLALDM(nn.Module):
             spacing: (B, 3) voxel spacing of the generated volume in mm.
             text_features: (B, L, input_dim) report token features (the null encoding for unconditional items).
             text_mask: (B, L) bool, True for real tokens.
-            side_probs: (B, 3) side probabilities for the U-Net's side map in place of the side head's (side-contrast
-                guidance gives the null half the report's mirrored side); ignored without ``unet.side_map``.
+            side_transform: maps the side head's (B, 3) probabilities to those the U-Net's side map is made of, in
+                the same pass (sampling: side scale, and side contrast, which gives the null half of a guided batch
+                the report's mirrored side); ignored without ``unet.side_map``.
 
         Returns:
             :class:`LDMOutput` with the U-Net prediction (B, C, X, Y, Z) and the adapter's class logits and
@@ -124,10 +112,12 @@ class CCELLALDM(nn.Module):
         context, logits = self.adapter(text_features, text_mask, timesteps)
         # softmax in float32: the probabilities are scaled by 100 before the U-Net's class layer
         probs = torch.softmax(logits.float(), dim=-1).to(logits.dtype)
-        side_logits = None
+        side_logits = side_probs = None
         if self.config.unet.side_map:
-            side_logits, own = self._side(context)
-            side_probs = own if side_probs is None else side_probs
+            side_logits = self.side_head(context)
+            side_probs = torch.softmax(side_logits.float(), dim=-1).to(side_logits.dtype)
+            if side_transform is not None:
+                side_probs = side_transform(side_probs)
         prediction = self.unet(x, timesteps, context, probs, spacing, side_probs)  # the U-Net ignores it without a map
         return LDMOutput(prediction, logits, probs, side_logits)
 

@@ -247,26 +247,32 @@ class CCELLAPipeline:
         generator = torch.Generator(device=self.device).manual_seed(int(seed))
         x = scheduler.prepare_latents(shape, generator, device=self.device)
 
-        def model_fn(x_in, t_in, c):
-            with autocast_context(self.device, self.dtype):
-                out = self.ldm(x_in, t_in, c["spacing"], c["text"], c["text_mask"], side_probs=c.get("side_probs"))
-            return out.prediction.float(), out.class_probs.float()
-
-        # 4. Denoising loop (side contrast and side scale: need a side-map model and a report)
+        # Side contrast and side scale (a side-map model and a report): the report's side-head reading, scaled, feeds
+        # the U-Net; in a guided pass [report; null] the null half gets it mirrored (contrast) or keeps its own.
         sided = bool(self.config.ldm.unet.side_map and not unconditional)
         side_contrast = bool(defaults.side_contrast and sided)
         side_scale = side_scale if sided else 1.0
         # the map is linear in p_left - p_right, so scaling those two entries scales the map
         amplitude = torch.tensor([1.0, side_scale, side_scale], device=self.device)
+        batch = shape[0]
+
+        def side_transform(own: torch.Tensor) -> torch.Tensor:
+            report = own[:batch] * amplitude.to(own.dtype)
+            if own.shape[0] == batch:  # conditional pass only
+                return report
+            return torch.cat([report, report[:, [0, 2, 1]] if side_contrast else own[batch:]])
+
+        adjust = side_transform if side_contrast or side_scale != 1.0 else None
+
+        def model_fn(x_in, t_in, c):
+            with autocast_context(self.device, self.dtype):
+                out = self.ldm(x_in, t_in, c["spacing"], c["text"], c["text_mask"], side_transform=adjust)
+            return out.prediction.float(), out.class_probs.float()
+
+        # 4. Denoising loop
         probs = None
         for t in tqdm(scheduler.timesteps, desc="denoise", unit="step", disable=not progress):
             level = float(t) / self.config.diffusion.num_train_timesteps
-            if side_contrast or side_scale != 1.0:
-                side = self.ldm.side_probabilities(cond["text"], cond["text_mask"],
-                                                   torch.as_tensor(t, device=self.device)) * amplitude
-                cond["side_probs"] = side
-                if side_contrast:
-                    uncond["side_probs"] = side[:, [0, 2, 1]]
             guided = guided_prediction(model_fn, x, t, cond, uncond, guidance if low <= level <= high else 1.0)
             probs = guided.aux
             x = scheduler.step(guided.prediction, t, x, generator)

@@ -197,6 +197,10 @@ def test_side_scale_multiplies_the_map_and_leaves_unsided_generation_alone(side_
     moved = float(np.abs(highb[4.0] - highb[1.0]).max())
     assert same < 0.1 * moved, (same, moved)
     assert runs[4.0].settings["side_scale"] == 4.0 and runs[None].settings["side_scale"] == 1.0
+    # with guidance and without side contrast: the report's half is scaled, the null half keeps its own reading
+    guided = {k: pipe(report, seed=1, steps=2, guidance=2.0, side_scale=k).exam.volumes["HighB"].array
+              for k in (1.0, 4.0)}
+    assert float(np.abs(guided[4.0] - guided[1.0]).max()) > 10 * same
     assert pipe(None, unconditional=True, seed=1, steps=2, side_scale=4.0).settings["side_scale"] == 1.0
     with pytest.raises(ConfigError, match="side_scale"):
         pipe(report, seed=1, steps=2, side_scale=-1.0)
