@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 __all__ = ["atomic_path", "atomic_write_text", "atomic_write_bytes", "atomic_write_json", "read_json", "default_mode",
-           "remove_orphaned_temporaries"]
+           "remove_orphaned_temporaries", "Journal"]
 
 
 def default_mode(directory: bool = False) -> int:
@@ -105,3 +105,62 @@ def read_json(path: str | Path) -> Any:
         raise CCELLAError(f"{path}: not valid UTF-8 at byte {exc.start}") from None
     except json.JSONDecodeError as exc:
         raise CCELLAError(f"{path}: invalid JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}") from None
+
+
+class Journal:
+    """An append-only JSON-lines file of finished work items, so that a long loop killed at any moment resumes.
+
+    The first line holds ``key`` (what the items depend on: settings, model hash); a journal written under another
+    key is started again, never mixed in. Each :meth:`append` writes one line and fsyncs it. A process killed
+    mid-line leaves a truncated last line: :meth:`items` stops before it and the next append overwrites it, so a
+    partial item is never taken for a finished one.
+
+    Example:
+        >>> journal = Journal(out / "generated.jsonl", key={"seed": 8000})      # doctest: +SKIP
+        >>> done = journal.items()            # items of an earlier, killed run  # doctest: +SKIP
+        >>> journal.append({"case": 3, "found": True})                         # doctest: +SKIP
+    """
+
+    def __init__(self, path: str | Path, key: Any):
+        self.path = Path(path)
+        self.key = json.loads(json.dumps(key))  # as it reads back (tuples become lists)
+        self._items, end, stale = self._read()
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if stale:
+            atomic_write_text(self.path, json.dumps({"journal_key": self.key}) + "\n")
+        else:
+            with open(self.path, "r+b") as handle:  # drop a truncated last line
+                handle.truncate(end)
+        self.stale = stale
+
+    def _read(self) -> tuple[list[Any], int, bool]:
+        if not self.path.is_file():
+            return [], 0, True
+        items, end = [], 0
+        with open(self.path, "rb") as handle:
+            for number, line in enumerate(handle):
+                if not line.endswith(b"\n"):
+                    break
+                try:
+                    value = json.loads(line)
+                except ValueError:
+                    break
+                if number == 0:
+                    if not isinstance(value, dict) or value.get("journal_key") != self.key:
+                        return [], 0, True
+                else:
+                    items.append(value)
+                end += len(line)
+        return (items, end, False) if end else ([], 0, True)
+
+    def items(self) -> list[Any]:
+        """The items of earlier runs under the same key, in the order they were appended."""
+        return list(self._items)
+
+    def append(self, item: Any) -> None:
+        line = (json.dumps(item, ensure_ascii=False) + "\n").encode("utf-8")
+        with open(self.path, "ab") as handle:
+            handle.write(line)
+            handle.flush()
+            os.fsync(handle.fileno())
+        self._items.append(json.loads(line))

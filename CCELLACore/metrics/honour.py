@@ -46,20 +46,24 @@ Example:
 
 from __future__ import annotations
 
+from __future__ import annotations
+
 import logging
-import math
 import time
-from dataclasses import asdict, dataclass, replace
-from typing import Any, Callable, Iterable, Sequence
+from dataclasses import asdict, replace
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 
-from ..data.phantoms import CaseTruth, generate_phantom, phantom_report, sample_truth
-from ..data.preprocess import PreprocessConfig, denormalize_array, normalize_volume, preprocess_exam
-from ..data.study import Exam
+from ..data.preprocess import PreprocessConfig
 from ..errors import CCELLAError
-from ..reports import is_empty_report
-from .lesion_detector import DetectorThresholds, detect_lesions
+from ..fileio import Journal
+from .honour_cases import (GROUPS, TARGETS, EvaluationCase, HonourSettings, evaluation_cases,
+                           pirads_group, rank_auc, rate, report_side)
+from .honour_reference import (ANATOMY_MIN_CORRELATION, anatomy, case_base, detect, detector_validity, gland_atlas, grid_reference, group_rates,
+                               model_representation, real_exam_on_grid)
+from .lesion_detector import DetectorThresholds
 
 __all__ = [
     "HonourSettings",
@@ -84,311 +88,6 @@ __all__ = [
 
 logger = logging.getLogger("CCELLACore")
 
-#: Report groups: the two with targets, and PI-RADS 3 (reported separately).
-GROUPS = ("pirads_4_5", "pirads_1_2", "pirads_3")
-_GROUP_TITLES = {"pirads_4_5": "PI-RADS >= 4", "pirads_1_2": "PI-RADS 1-2", "pirads_3": "PI-RADS 3"}
-#: The issue's targets: P(lesion found | group) bounds.
-TARGETS = {"pirads_4_5": (">=", 0.8), "pirads_1_2": ("<=", 0.2)}
-#: Gate 0, fixed before any generated exam was looked at: an exam "shows anatomy" when, for at least one of the
-#: atlas's real exams, every sequence correlates (Pearson, voxel-wise) at least this much with that exam's. The
-#: nearest real exam, not the mean one: one real exam in 20 of seed 3000 (an unusual pelvis) correlated only 0.06 with
-#: the mean AxT2. Noise and smooth random texture score |r| < 0.03, so the bound leaves a wide margin.
-ANATOMY_MIN_CORRELATION = 0.5
-
-
-@dataclass(frozen=True)
-class HonourSettings:
-    """What an honour evaluation runs (``ccella honour`` options).
-
-    Args:
-        n: evaluated reports (issue: 50).
-        seed: phantom world seed of the evaluated reports; must not have been used in training.
-        atlas_seed: phantom seed of the gland-atlas exams (disjoint from ``seed``).
-        atlas_n: exams averaged into the gland atlas (and into the mean exam of the anatomy check).
-        validation_seed: phantom seed on which the detector's validity (gate 1) is judged, disjoint from ``seed``,
-            so that the detector is never tuned on the cases of the final figures.
-        steps, sampler, guidance: generation settings; None = the model's own ``sampling:`` defaults.
-        institution: phantom institution of both (1: the reference protocol).
-        phantom_size, phantom_spacing: grid the real phantom exams are rendered on before preprocessing; None = the
-            model's ``phantoms:`` section (the grid its training phantoms had), else the institution's default.
-    """
-
-    n: int = 50
-    seed: int = 1000
-    atlas_seed: int = 2000
-    atlas_n: int = 40
-    validation_seed: int = 3000
-    steps: int | None = None
-    sampler: str | None = None
-    guidance: float | None = None
-    institution: int = 1
-    phantom_size: tuple[int, int, int] | None = None
-    phantom_spacing: tuple[float, float, float] | None = None
-
-    def __post_init__(self) -> None:
-        if self.n < 1 or self.atlas_n < 1 or (self.steps is not None and self.steps < 1):
-            raise CCELLAError(f"n, atlas_n and steps must be >= 1, got {self.n}, {self.atlas_n}, {self.steps}")
-        if len({self.seed, self.atlas_seed, self.validation_seed}) < 3:
-            raise CCELLAError(f"the evaluation, atlas and validation seeds must all differ, got {self.seed}, "
-                              f"{self.atlas_seed}, {self.validation_seed}")
-        if self.guidance is not None and self.guidance < 0:
-            raise CCELLAError(f"guidance must be >= 0, got {self.guidance}")
-
-
-@dataclass(frozen=True)
-class EvaluationCase:
-    """One evaluated phantom case: its index in the phantom world, truth and report (the text stays in memory)."""
-
-    index: int
-    truth: CaseTruth
-    report: str
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Small helpers
-# ----------------------------------------------------------------------------------------------------------------
-def rank_auc(scores: Sequence[float], labels: Sequence[int]) -> float | None:
-    """Area under the ROC curve by the rank (Mann-Whitney U) formula, ties given their average rank.
-
-    AUC = (sum of positive ranks - P (P + 1) / 2) / (P N), ranks 1-based over all scores.
-
-    Returns:
-        The AUC in [0, 1], or None when only one class is present (or no score is finite).
-    """
-    pairs = [(float(s), int(y)) for s, y in zip(scores, labels) if y is not None and math.isfinite(float(s))]
-    n_pos = sum(1 for _, y in pairs if y == 1)
-    n_neg = len(pairs) - n_pos
-    if n_pos == 0 or n_neg == 0:
-        return None
-    values = np.array([s for s, _ in pairs])
-    order = np.argsort(values, kind="mergesort")
-    ranks = np.empty(len(values))
-    sorted_values = values[order]
-    i = 0
-    while i < len(values):
-        j = i
-        while j + 1 < len(values) and sorted_values[j + 1] == sorted_values[i]:
-            j += 1
-        ranks[order[i : j + 1]] = (i + j) / 2.0 + 1.0  # average 1-based rank of the tie block
-        i = j + 1
-    positive_rank_sum = sum(r for r, (_, y) in zip(ranks, pairs) if y == 1)
-    return float((positive_rank_sum - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
-
-
-def rate(k: int, n: int) -> dict[str, Any]:
-    """``{"k", "n", "rate", "count"}`` with ``count`` = "k/n" and ``rate`` None when n = 0."""
-    return {"k": int(k), "n": int(n), "rate": (k / n) if n else None, "count": f"{int(k)}/{int(n)}"}
-
-
-def pirads_group(pirads: int) -> str:
-    """``"pirads_4_5"``, ``"pirads_1_2"`` or ``"pirads_3"``."""
-    return "pirads_4_5" if pirads >= 4 else "pirads_1_2" if pirads <= 2 else "pirads_3"
-
-
-def report_side(truth: CaseTruth) -> str | None:
-    """Side ("left"/"right") of the report's index lesion: highest PI-RADS, then longest; None without lesions."""
-    if not truth.lesions:
-        return None
-    return max(truth.lesions, key=lambda lesion: (lesion.pirads, lesion.diameter_mm)).side
-
-
-def evaluation_cases(n: int, seed: int, institution: int = 1) -> list[EvaluationCase]:
-    """The first ``n`` phantom cases (indices 0, 1, 2, ...) of ``seed`` whose report is not empty (~10% are).
-
-    Raises:
-        CCELLAError: fewer than ``n`` non-empty reports in the first ``20 n + 100`` indices (cannot happen with
-            the phantom world's ~10% empty reports, but never loop forever).
-    """
-    cases: list[EvaluationCase] = []
-    for index in range(20 * n + 100):
-        truth = sample_truth(index, institution, seed)
-        report = phantom_report(truth, seed)
-        if not is_empty_report(report):
-            cases.append(EvaluationCase(index, truth, report))
-            if len(cases) == n:
-                return cases
-    raise CCELLAError(f"phantom seed {seed}: only {len(cases)} non-empty reports in {20 * n + 100} cases")
-
-
-def _raw_config(config: PreprocessConfig) -> PreprocessConfig:
-    return replace(config, normalize=False)
-
-
-def real_exam_on_grid(index: int, seed: int, config: PreprocessConfig, settings: HonourSettings) -> Exam:
-    """Phantom case ``index`` of ``seed`` rendered and preprocessed onto ``config.grid`` WITHOUT normalisation
-    (HighB scanner units, ADC 10^-6 mm^2/s); masks ``gland``/``lesion`` resampled with it. Volumes (X, Y, Z)."""
-    phantom = generate_phantom(index, settings.institution, settings.phantom_size, settings.phantom_spacing, seed)
-    exam, _ = preprocess_exam(phantom.exam, _raw_config(config))
-    return exam
-
-
-def model_representation(exam: Exam, config: PreprocessConfig, highb_reference: float = 1.0,
-                         reconstruct: Callable[[np.ndarray], np.ndarray] | None = None) -> Exam:
-    """HighB/ADC of a preprocessed (unnormalised) exam as a generated exam shows them: normalised as in training
-    (which clips HighB at its 99.5th percentile and ADC to 0..3000), optionally passed through ``reconstruct``
-    (normalised (2, X, Y, Z) HighB/ADC -> the same, e.g. the model's autoencoder), then mapped back as the pipeline
-    maps outputs."""
-    highb = normalize_volume(exam.volumes["HighB"], "HighB", config)
-    adc = normalize_volume(exam.volumes["ADC"], "ADC", config)
-    arrays = np.stack([highb.array, adc.array]).astype(np.float32)
-    if reconstruct is not None:
-        arrays = np.asarray(reconstruct(arrays), np.float32)
-    return Exam(volumes={
-        "HighB": highb.with_array(denormalize_array(arrays[0], "HighB", highb_reference)),
-        "ADC": adc.with_array(denormalize_array(arrays[1], "ADC", adc_window=tuple(config.adc_window))),
-    }, case_id=exam.case_id)
-
-
-def grid_reference(config: PreprocessConfig, settings: HonourSettings, *,
-                   progress: bool = False) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-    """The gland atlas and the mean exam on ``config.grid``, from phantom cases 0..atlas_n-1 of ``atlas_seed``,
-    each preprocessed exactly as for training (centred on its gland, normalised).
-
-    Returns:
-        ``(atlas, exams)``: atlas = bool (X, Y, Z), the voxel-wise mean of ``gland > 0`` thresholded at > 0.5;
-        exams = per sequence the (atlas_n, X, Y, Z) float32 normalised volumes, the yardstick of the anatomy check.
-    """
-    from tqdm.auto import tqdm
-
-    total = np.zeros(tuple(config.grid.size), np.float64)
-    exams: dict[str, list[np.ndarray]] = {}
-    for index in tqdm(range(settings.atlas_n), desc="gland atlas", unit="exam", disable=not progress):
-        phantom = generate_phantom(index, settings.institution, settings.phantom_size, settings.phantom_spacing,
-                                   settings.atlas_seed)
-        on_grid, _ = preprocess_exam(phantom.exam, config)
-        total += on_grid.masks["gland"].array > 0
-        for name, volume in on_grid.volumes.items():
-            exams.setdefault(name, []).append(np.asarray(volume.array, np.float32))
-    return total / settings.atlas_n > 0.5, {name: np.stack(arrays) for name, arrays in exams.items()}
-
-
-def gland_atlas(config: PreprocessConfig, settings: HonourSettings, *, progress: bool = False) -> np.ndarray:
-    """The atlas of :func:`grid_reference`: bool array (X, Y, Z) = ``config.grid.size``."""
-    return grid_reference(config, settings, progress=progress)[0]
-
-
-def _standardise(x: np.ndarray) -> np.ndarray:
-    """Rows of (K, V) (or one (V,)) to zero mean and unit norm, so that a dot product is Pearson's r."""
-    x = x - x.mean(axis=-1, keepdims=True)
-    norm = np.linalg.norm(x, axis=-1, keepdims=True)
-    return np.divide(x, norm, out=np.zeros_like(x), where=norm > 0)
-
-
-def anatomy(exam: Exam, references: dict[str, np.ndarray]) -> dict[str, Any]:
-    """Gate 0's check against the real exams of :func:`grid_reference` (any linear unit: the pipeline's outputs are
-    linear in the normalised volumes).
-
-    Returns:
-        ``{"anatomy": bool, "anatomy_r": {sequence: r}}``: r with the nearest real exam (the one whose worst
-        sequence correlates best), and whether all reach :data:`ANATOMY_MIN_CORRELATION`.
-    """
-    names = [name for name in references if name in exam.volumes]
-    if not names:
-        return {"anatomy": False, "anatomy_r": {}}
-    r = np.stack([
-        _standardise(references[name].reshape(len(references[name]), -1).astype(np.float64))
-        @ _standardise(np.asarray(exam.volumes[name].array, np.float64).ravel())
-        for name in names])  # (sequences, K)
-    nearest = int(np.argmax(r.min(axis=0)))
-    values = {name: round(float(r[i, nearest]), 4) for i, name in enumerate(names)}
-    return {"anatomy": min(values.values()) >= ANATOMY_MIN_CORRELATION, "anatomy_r": values}
-
-
-def _detect(exam: Exam, gland: np.ndarray, truth_side: str | None, thresholds: DetectorThresholds) -> dict[str, Any]:
-    detection = detect_lesions(exam, gland, thresholds)
-    largest = detection.largest
-    side = largest.side if largest is not None else None
-    return {
-        "detected": detection.found,
-        "detected_side": side,
-        "side_correct": (side == truth_side) if (side is not None and truth_side is not None) else None,
-        "n_detections": len(detection.lesions),
-        "largest_volume_mm3": round(largest.volume_mm3, 1) if largest is not None else 0.0,
-    }
-
-
-def _group_rates(records: Iterable[dict[str, Any]], key: str = "detected") -> dict[str, Any]:
-    """Per group: P(key) as a rate, plus side accuracy over detections with a known report side."""
-    records = list(records)
-    out: dict[str, Any] = {}
-    for group in GROUPS:
-        members = [r for r in records if r["group"] == group]
-        found = [r for r in members if r[key]]
-        out[group] = {"lesion_found": rate(len(found), len(members))}
-    sided = [r for r in records if r.get(f"{key}_side") is not None and r["truth_side"] is not None]
-    out["side_correct"] = rate(sum(1 for r in sided if r[f"{key}_side"] == r["truth_side"]), len(sided))
-    sided_45 = [r for r in sided if r["group"] == "pirads_4_5"]
-    out["side_correct_pirads_4_5"] = rate(sum(1 for r in sided_45 if r[f"{key}_side"] == r["truth_side"]),
-                                          len(sided_45))
-    return out
-
-
-def _case_base(case: EvaluationCase) -> dict[str, Any]:
-    truth = case.truth
-    return {"case_index": case.index, "case_id": truth.case_id, "group": pirads_group(truth.pirads),
-            "truth_pirads": truth.pirads, "truth_label": truth.label, "truth_side": report_side(truth)}
-
-
-#: Detector-validity variants: (representation, gland region); the autoencoder one only when a model is given.
-VALIDITY_VARIANTS = (("model", "atlas"), ("model", "own"), ("physical", "atlas"), ("physical", "own"))
-AUTOENCODER_VARIANTS = (("autoencoder", "atlas"), ("autoencoder", "own"))
-
-
-def detector_validity(
-    cases: Sequence[EvaluationCase],
-    config: PreprocessConfig,
-    atlas: np.ndarray,
-    settings: HonourSettings,
-    *,
-    highb_reference: float = 1.0,
-    thresholds: DetectorThresholds = DetectorThresholds(),
-    reconstruct: Callable[[np.ndarray], np.ndarray] | None = None,
-    references: dict[str, np.ndarray] | None = None,
-    seed: int | None = None,
-    progress: bool = False,
-) -> dict[str, Any]:
-    """The detector on the REAL phantom exams of ``cases`` (seed ``seed``, default ``settings.seed``), on
-    ``config.grid``; with ``references`` (:func:`grid_reference`) also the anatomy check on them.
-
-    ``reconstruct`` (normalised (2, X, Y, Z) HighB/ADC -> reconstruction) adds the ``autoencoder`` representation.
-
-    Returns:
-        ``{"records": [...], "summary": {"<representation>_<gland>": {group: {"lesion_found": rate}, "side_correct":
-        rate, "sensitivity": rate, "false_positive_rate": rate}}}`` for the representations ``model``/``physical``
-        and gland regions ``atlas``/``own`` (see the module docstring), and ``autoencoder`` with ``reconstruct``.
-    """
-    from tqdm.auto import tqdm
-
-    variants = VALIDITY_VARIANTS + (AUTOENCODER_VARIANTS if reconstruct is not None else ())
-    seed = settings.seed if seed is None else seed
-    records = []
-    for case in tqdm(cases, desc="detector on real exams", unit="exam", disable=not progress):
-        base = _case_base(case)
-        raw = real_exam_on_grid(case.index, seed, config, settings)
-        views = {"physical": raw, "model": model_representation(raw, config, highb_reference)}
-        if reconstruct is not None:
-            views["autoencoder"] = model_representation(raw, config, highb_reference, reconstruct)
-        glands = {"atlas": atlas, "own": raw.masks["gland"].array > 0}
-        if references is not None:  # judged as training sees them (normalised: raw AxT2 has a long fluid tail)
-            normalised = Exam(volumes={name: normalize_volume(v, name, config) for name, v in raw.volumes.items()})
-            base.update(anatomy(normalised, references))
-        record = dict(base)
-        for representation, region in variants:
-            result = _detect(views[representation], glands[region], base["truth_side"], thresholds)
-            record[f"{representation}_{region}"] = result["detected"]
-            record[f"{representation}_{region}_side"] = result["detected_side"]
-        records.append(record)
-    summary = {}
-    for representation, region in variants:
-        key = f"{representation}_{region}"
-        rates = _group_rates(records, key)
-        rates["sensitivity"] = rates["pirads_4_5"]["lesion_found"]
-        rates["false_positive_rate"] = rates["pirads_1_2"]["lesion_found"]
-        summary[key] = rates
-    if references is not None:
-        summary["anatomy"] = rate(sum(r["anatomy"] for r in records), len(records))
-    return {"records": records, "summary": summary}
-
 
 # ----------------------------------------------------------------------------------------------------------------
 # The evaluation
@@ -411,8 +110,14 @@ def model_settings(pipe: Any, settings: HonourSettings) -> HonourSettings:
 
 
 def evaluate_honour(pipe: Any, settings: HonourSettings = HonourSettings(), *, progress: bool = True,
-                    thresholds: DetectorThresholds = DetectorThresholds()) -> dict[str, Any]:
+                    thresholds: DetectorThresholds = DetectorThresholds(),
+                    journal_path: str | Path | None = None) -> dict[str, Any]:
     """Run the whole evaluation with a loaded :class:`~CCELLACore.pipelines.generation.CCELLAPipeline`.
+
+    ``journal_path`` (``ccella honour``: ``<out>/generated.jsonl``): each generated exam's record is appended there
+    as soon as it is judged, so a killed evaluation run again with the same settings generates only the rest (the
+    journal's key: model hash, settings, detector thresholds; records of other settings are discarded). The real-exam
+    parts are recomputed (seconds to minutes; deterministic).
 
     Returns:
         A JSON-able dict: ``settings``, ``detector`` (thresholds), ``atlas`` (voxels, mm^3), ``detector_validity``
@@ -438,6 +143,10 @@ def evaluate_honour(pipe: Any, settings: HonourSettings = HonourSettings(), *, p
     highb_reference = float(pipe.metadata.get("reference_intensities", {}).get("HighB", 1.0) or 1.0)
 
     cases = evaluation_cases(settings.n, settings.seed, settings.institution)
+    journal = None
+    if journal_path is not None:
+        journal = Journal(journal_path, key={"model_hash": pipe.model_hash, "settings": asdict(settings),
+                                             "detector": asdict(thresholds)})
     atlas, references = grid_reference(config, settings, progress=progress)
     if not atlas.any():
         raise CCELLAError(f"the gland atlas of seed {settings.atlas_seed} is empty on grid {grid_size}")
@@ -449,21 +158,30 @@ def evaluate_honour(pipe: Any, settings: HonourSettings = HonourSettings(), *, p
                                  thresholds=thresholds, reconstruct=pipe.reconstruct, references=references,
                                  progress=progress)
 
-    records = []
+    records: list[dict[str, Any]] = []
     sampler_used, extras = None, {}
+    done = _resumed(journal, cases)
+    if done:
+        logger.info("honour: resumed %d of %d generated exams from %s", len(done), len(cases), journal.path)
     for k, case in enumerate(tqdm(cases, desc="generate + detect", unit="exam", disable=not progress)):
+        if k < len(done):
+            records.append(done[k]["record"])
+            sampler_used, extras = done[k]["sampler"], done[k]["extras"]
+            continue
         out = pipe(case.report, seed=k, steps=settings.steps, sampler=sampler, guidance=settings.guidance)
         sampler_used = out.settings.get("sampler", sampler)
         extras = {key: out.settings[key] for key in SAMPLING_EXTRAS if key in out.settings}
         if tuple(out.exam.volumes["ADC"].shape) != atlas.shape:
             raise CCELLAError(f"generated exam {tuple(out.exam.volumes['ADC'].shape)} and gland atlas "
                               f"{atlas.shape} differ in size")
-        base = _case_base(case)
-        record = {**base, "seed": k, **_detect(out.exam, atlas, base["truth_side"], thresholds),
+        base = case_base(case)
+        record = {**base, "seed": k, **detect(out.exam, atlas, base["truth_side"], thresholds),
                   **anatomy(out.exam, references), "probability": round(float(out.class_probability), 6)}
         records.append(record)
+        if journal is not None:
+            journal.append({"record": record, "sampler": sampler_used, "extras": extras})
 
-    summary = _group_rates(records)
+    summary = group_rates(records)
     for group, (op, bound) in TARGETS.items():
         value = summary[group]["lesion_found"]["rate"]
         summary[group]["target"] = f"{op} {bound:.0%}"
@@ -504,6 +222,17 @@ def evaluate_honour(pipe: Any, settings: HonourSettings = HonourSettings(), *, p
         "records": records,
         "summary": summary,
     }
+
+
+def _resumed(journal: Journal | None, cases: list[EvaluationCase]) -> list[dict[str, Any]]:
+    """The journal's records that are the first cases in order (case index and generation seed as now)."""
+    done = []
+    for k, item in enumerate(journal.items() if journal is not None else ()):
+        record = item.get("record", {}) if isinstance(item, dict) else {}
+        if k >= len(cases) or record.get("case_index") != cases[k].index or record.get("seed") != k:
+            break
+        done.append(item)
+    return done
 
 
 def _check(figure: str, target: str, met: bool | None) -> dict[str, Any]:
@@ -558,5 +287,6 @@ def honour_gates(result: dict[str, Any]) -> list[dict[str, Any]]:
 
 def _fmt(r: dict[str, Any]) -> str:
     return f"{r['count']} ({r['rate']:.0%})" if r["rate"] is not None else f"{r['count']} (-)"
+
 
 

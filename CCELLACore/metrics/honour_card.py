@@ -9,8 +9,9 @@ from typing import Any
 
 from ..errors import CCELLAError
 from ..fileio import atomic_write_json, atomic_write_text
-from .honour import (AUTOENCODER_VARIANTS, GROUPS, SAMPLING_EXTRAS, VALIDITY_VARIANTS, _GROUP_TITLES, _fmt,
-                     honour_gates)
+from .honour import SAMPLING_EXTRAS, _fmt, honour_gates
+from .honour_cases import _GROUP_TITLES, GROUPS
+from .honour_reference import AUTOENCODER_VARIANTS, VALIDITY_VARIANTS
 
 __all__ = ["CARD_START", "CARD_END", "honour_markdown", "write_honour", "update_model_card"]
 
@@ -96,7 +97,7 @@ def honour_markdown(result: dict[str, Any]) -> str:
         "|---|---|",
         f"| Model hash (SHA-256 of weights) | `{s['model_hash']}` |",
         f"| Sampler, steps, guidance | {s['sampler']}, {s['steps']}, {s['guidance']:g} |",
-        *([f"| Other sampling settings (the model's) | "
+        *(["| Other sampling settings (the model's) | "
            + ", ".join(f"{key.replace('_', ' ')} {s[key]}" for key in SAMPLING_EXTRAS if key in s) + " |"]
           if any(key in s for key in SAMPLING_EXTRAS) else []),
         f"| Reports (N), phantom seed, institution | {s['n']}, {s['seed']}, {s['institution']} |",

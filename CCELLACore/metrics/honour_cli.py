@@ -1,8 +1,9 @@
 """``ccella honour``: measure whether a model's generated exams honour their reports; write the model card's figures.
 
 Writes ``<out>/honour.json`` (per-case records and summary, no report text) and ``<out>/honour.md`` (a Markdown
-section for the model card); ``--update-card`` also puts that section into ``<model>/README.md`` between
-``<!-- honour:start -->`` and ``<!-- honour:end -->``. See :mod:`CCELLACore.metrics.honour` for the procedure.
+section for the model card); ``<out>/generated.jsonl`` keeps each generated exam's record as it is judged, so a
+killed run, started again with the same command, generates only the rest. ``--update-card`` also puts the section
+into ``<model>/README.md`` between ``<!-- honour:start -->`` and ``<!-- honour:end -->``. See :mod:`CCELLACore.metrics.honour` for the procedure.
 """
 
 from __future__ import annotations
@@ -61,7 +62,8 @@ def run(args: argparse.Namespace) -> int:
         phantom_spacing=tuple(args.phantom_spacing) if args.phantom_spacing else None,
     )
     pipe = CCELLAPipeline.from_pretrained(args.model, device=args.device)
-    result = evaluate_honour(pipe, settings, progress=not args.no_progress)
+    result = evaluate_honour(pipe, settings, progress=not args.no_progress,
+                             journal_path=args.out / "generated.jsonl")
     json_path, md_path = write_honour(result, args.out)
     summary = result["summary"]
     logger.info("honour: lesion found %s (PI-RADS >= 4), %s (PI-RADS 1-2), %s (PI-RADS 3); side correct %s",

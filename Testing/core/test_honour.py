@@ -50,7 +50,7 @@ def _run_cli(argv: list[str]) -> int:
     return honour_cli.run(parser.parse_args(argv))
 
 
-def test_honour_script_on_a_tiny_model(tiny_model, tmp_path):
+def test_honour_script_on_a_tiny_model(tiny_model, tmp_path, caplog):
     out = tmp_path / "honour"
     hash_before = model_hash(tiny_model)
     card_before = (tiny_model / "README.md").read_text(encoding="utf-8")
@@ -120,6 +120,24 @@ def test_honour_script_on_a_tiny_model(tiny_model, tmp_path):
     assert card.startswith(card_before.rstrip()) and card.count(CARD_START) == 1 and card.count(CARD_END) == 1
     assert markdown.strip() in card
     assert model_hash(tiny_model) == hash_before
+
+    # Killed while judging the third exam: the journal holds its key, 2 records and half a line. The same command
+    # generates only exams 3 and 4 and writes the same figures; the journal holds no report text either.
+    journal = out / "generated.jsonl"
+    lines = journal.read_text(encoding="utf-8").splitlines(keepends=True)
+    assert len(lines) == 5
+    for case in cases:
+        text = " ".join(case.report.split())
+        assert all(text[i : i + 30] not in "".join(lines) for i in range(0, max(len(text) - 30, 1), 15))
+    journal.write_text("".join(lines[:3]) + lines[3][: len(lines[3]) // 2], encoding="utf-8")
+    (out / "honour.json").unlink()
+    caplog.clear()
+    with caplog.at_level("INFO", logger="CCELLACore"):
+        assert _run_cli([a for a in argv if a != "--update-card"]) == 0
+    assert f"resumed 2 of 4 generated exams from {journal}" in caplog.text
+    again = json.loads((out / "honour.json").read_text(encoding="utf-8"))
+    assert again["records"] == records and again["summary"] == summary
+    assert journal.read_text(encoding="utf-8").splitlines(keepends=True) == lines
 
 
 def test_model_card_update_replaces_appends_and_refuses_broken_markers(tiny_model):

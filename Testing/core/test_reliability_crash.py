@@ -18,6 +18,7 @@ import torch
 from safetensors.torch import load_file
 
 from CCELLACore.data.volume import Volume, read_volume, write_volume
+from CCELLACore.fileio import Journal
 from CCELLACore.settings import load_config
 from CCELLACore.training.checkpoint import load_checkpoint, save_checkpoint
 from CCELLACore.training.ldm import train_ldm
@@ -101,6 +102,26 @@ def test_ldm_sigkill_between_checkpoints_resumes_to_the_uninterrupted_result(dat
     assert full.keys() == other.keys() and all(torch.equal(full[k], other[k]) for k in full)
     # Nothing half-written is left to be taken for a result: no temporary checkpoint folder or file remains.
     assert not [p for p in run.rglob(".tmp-*")], list(run.rglob(".tmp-*"))
+
+
+def test_journal_drops_a_truncated_line_and_restarts_under_another_key(tmp_path):
+    """What a job killed mid-append leaves (half a line) is never read as an item; another key starts afresh."""
+    path = tmp_path / "out" / "done.jsonl"
+    journal = Journal(path, key={"seed": 1, "size": (4, 4)})
+    assert journal.items() == [] and journal.stale
+    journal.append({"case": 0})
+    journal.append({"case": 1})
+    with open(path, "ab") as handle:
+        handle.write(b'{"case": 2, "tr')  # SIGKILL inside the write
+    again = Journal(path, key={"seed": 1, "size": [4, 4]})  # tuples read back as lists: the same key
+    assert again.items() == [{"case": 0}, {"case": 1}] and not again.stale
+    again.append({"case": 2})
+    assert Journal(path, key={"seed": 1, "size": [4, 4]}).items() == [{"case": 0}, {"case": 1}, {"case": 2}]
+    other = Journal(path, key={"seed": 2, "size": [4, 4]})
+    assert other.items() == [] and other.stale
+    assert path.read_text(encoding="utf-8") == '{"journal_key": {"seed": 2, "size": [4, 4]}}\n'
+    path.write_bytes(b"\xff\xfe garbage\n")
+    assert Journal(path, key={"seed": 2}).items() == []
 
 
 FULL_DISK = r"""
