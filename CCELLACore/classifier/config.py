@@ -18,10 +18,8 @@ voxels per side, more than the ``tiny`` project config's 32 x 32 x 8).
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Literal
 
 from ..config import CONFIG_DIR, builtin_config_path, from_dict, load_yaml
 from ..data.preprocess import GridConfig, PreprocessConfig

@@ -110,7 +110,6 @@ def export_half(source: str | Path, destination: str | Path, card: str | None = 
     """
     import copy
 
-    from ..config import to_dict
     from ..models.serialization import ModelMetadata, save_model_dir
 
     model = load_classifier_dir(source)

@@ -34,7 +34,6 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..config import to_dict
 from ..data.manifest import read_manifest
 from ..errors import CCELLAError, DataError
 from ..training.checkpoint import TrainingState, config_hash, find_checkpoint, load_checkpoint, save_checkpoint

@@ -86,7 +86,7 @@ def audit(train: tuple[list[Study], np.ndarray], held_out: tuple[list[Study], np
         ``{"space", "threshold", "ratio", "yardstick": {...}, "synthetic": [per exam], "possible_copies": [...]}``;
         per synthetic exam its case id, the nearest training case id, the distance and ``possible_copy``.
     """
-    (train_studies, t), (held_studies, h), (syn_studies, s) = train, held_out, synthetic
+    (train_studies, t), (_, h), (syn_studies, s) = train, held_out, synthetic
     if len(t) < 2:
         raise CCELLAError(f"the memorisation audit needs at least 2 training exams, got {len(t)}")
     mean, std = t.mean(axis=0), np.maximum(t.std(axis=0), 1e-6)

@@ -24,7 +24,7 @@ from torch import nn
 
 from ..errors import CCELLAError
 from ..precision import autocast_context, choose_dtype
-from .serialization import check_state_dict, load_state_dict_file
+from .weights import check_state_dict, load_state_dict_file
 
 __all__ = [
     "AutoencoderConfig",

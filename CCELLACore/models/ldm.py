@@ -190,7 +190,7 @@ def load_grown_state(model: CCELLALDM, state: dict[str, torch.Tensor], source: s
     Raises:
         CCELLAError: any other missing, unexpected or mismatched key (names ``source`` and the keys).
     """
-    from .serialization import check_state_dict
+    from .weights import check_state_dict
 
     expected = model.state_dict()
     state = dict(state)

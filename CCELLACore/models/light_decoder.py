@@ -26,7 +26,7 @@ from ..config import from_dict, to_dict
 from ..errors import CCELLAError, ConfigError
 from ..precision import autocast_context
 from .autoencoder import AutoencoderConfig, SequenceAutoencoder
-from .serialization import check_state_dict
+from .weights import check_state_dict
 
 __all__ = ["LightDecoderConfig", "LightDecoder", "DecodeTiling", "QUALITY_BAR", "DECODER_CHOICES", "LIGHT_COMPONENT",
            "tiled_decode", "meets_quality_bar", "SequenceCodec", "load_light_decoder", "choose_decoder"]

@@ -28,7 +28,7 @@ from ..models.serialization import load_model_dir, read_model_config
 from ..models.text_encoder import TextEncoder
 from ..precision import autocast_context, choose_dtype, describe_device
 from ..reports import ReportError, check_report, is_empty_report
-from ..sampling.config import DEFAULT_SAMPLER, SamplingConfig, check_guidance_interval, check_side_scale
+from ..sampling.config import DEFAULT_SAMPLER, check_guidance_interval, check_side_scale
 from ..sampling.guidance import guided_prediction
 from ..sampling.samplers import SUPPORTED_SAMPLERS, make_sampler
 from ..settings import CCELLAConfig

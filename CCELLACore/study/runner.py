@@ -26,7 +26,6 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 
 from ..data.manifest import read_manifest, write_manifest
 from ..data.study import Study

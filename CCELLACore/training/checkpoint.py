@@ -223,7 +223,7 @@ def load_checkpoint(directory: str | Path, state: TrainingState, *, allow_config
     Returns:
         The checkpoint folder used.
     """
-    from ..models.serialization import check_state_dict, load_weights_file
+    from ..models.weights import check_state_dict, load_weights_file
 
     directory = Path(directory)
     folder = directory if (directory / "state.json").is_file() else find_checkpoint(directory)
