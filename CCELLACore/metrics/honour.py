@@ -32,6 +32,8 @@ Procedure (issues "Generative core" and "Embedded demo model"):
    detection vs the side of the report's index lesion (highest PI-RADS, then longest); the predicted class
    probability vs the truth label (AUC, rank formula). Targets: a lesion in >= 80% of exams whose report describes a
    PI-RADS >= 4 lesion, in <= 20% of PI-RADS 1-2 exams; PI-RADS 3 exams are reported separately.
+5. **Hand-written reports** (:mod:`~CCELLACore.metrics.handwritten`, ``handwritten_seeds`` seeds each): ten short
+   reports outside the phantom templates, judged the same way; on the card beside the gates, not a gate.
 
 Outputs (:func:`~CCELLACore.metrics.honour_card.write_honour`): ``honour.json`` (per-case records and the summary, never report text) and
 ``honour.md`` (a Markdown section ready for a model card). :func:`~CCELLACore.metrics.honour_card.update_model_card` puts that section between
@@ -63,6 +65,7 @@ from .honour_cases import (GROUPS, TARGETS, EvaluationCase, HonourSettings, eval
                            pirads_group, rank_auc, rate, report_side)
 from .honour_reference import (ANATOMY_MIN_CORRELATION, anatomy, case_base, detect, detector_validity, gland_atlas, grid_reference, group_rates,
                                model_representation, real_exam_on_grid)
+from .handwritten import evaluate_handwritten
 from .lesion_detector import DetectorThresholds
 
 __all__ = [
@@ -181,6 +184,13 @@ def evaluate_honour(pipe: Any, settings: HonourSettings = HonourSettings(), *, p
         if journal is not None:
             journal.append({"record": record, "sampler": sampler_used, "extras": extras})
 
+    handwritten = None
+    if settings.handwritten_seeds:
+        bar = (lambda pairs: tqdm(pairs, desc="hand-written reports", unit="exam")) if progress else None
+        handwritten = evaluate_handwritten(pipe, atlas, references, seeds=settings.handwritten_seeds,
+                                           steps=settings.steps, sampler=sampler, guidance=settings.guidance,
+                                           thresholds=thresholds, progress=bar)
+
     summary = group_rates(records)
     for group, (op, bound) in TARGETS.items():
         value = summary[group]["lesion_found"]["rate"]
@@ -209,7 +219,7 @@ def evaluate_honour(pipe: Any, settings: HonourSettings = HonourSettings(), *, p
             "n": settings.n, "seed": settings.seed, "case_indices": [c.index for c in cases],
             "generation_seeds": f"0..{settings.n - 1}", "atlas_seed": settings.atlas_seed,
             "atlas_n": settings.atlas_n, "validation_seed": settings.validation_seed,
-            "institution": settings.institution,
+            "institution": settings.institution, "handwritten_seeds": settings.handwritten_seeds,
             "phantom_size": list(settings.phantom_size) if settings.phantom_size else None,
             "phantom_spacing": list(settings.phantom_spacing) if settings.phantom_spacing else None,
             "grid_size": list(grid_size), "grid_spacing": list(spacing),
@@ -221,6 +231,7 @@ def evaluate_honour(pipe: Any, settings: HonourSettings = HonourSettings(), *, p
         "detector_validation": validation,
         "records": records,
         "summary": summary,
+        "handwritten": handwritten,
     }
 
 

@@ -31,6 +31,30 @@ def gates_markdown(result: dict[str, Any]) -> list[str]:
     return lines
 
 
+def handwritten_markdown(result: dict[str, Any]) -> list[str]:
+    """The hand-written reports' rows (:mod:`~CCELLACore.metrics.handwritten`), or nothing when they were skipped."""
+    hw = result.get("handwritten")
+    if not hw:
+        return []
+    h = hw["summary"]
+    auc = h["auc_report"]["value"]
+    return [
+        "",
+        f"Hand-written reports ({hw['n_reports']} short reports outside the phantom templates, "
+        f"`CCELLACore/metrics/handwritten.py`; seeds 0-{hw['seeds'] - 1} each; not a gate):",
+        "",
+        "| Measure | Result |",
+        "|---|---|",
+        f"| Lesion found, PI-RADS >= 4 reports | {_fmt(h['pirads_4_5']['lesion_found'])} |",
+        f"| Lesion found, PI-RADS 1-2 reports | {_fmt(h['pirads_1_2']['lesion_found'])} |",
+        f"| Side right, detected PI-RADS >= 4 | {_fmt(h['side_correct_pirads_4_5'])} |",
+        f"| Anatomy | {_fmt(h['anatomy'])} |",
+        f"| Mean predicted csPCa probability, PI-RADS >= 4 / 1-2 reports | "
+        f"{h['pirads_4_5']['mean_probability']} / {h['pirads_1_2']['mean_probability']} |",
+        f"| Class AUC, PI-RADS >= 4 vs 1-2 reports | {'-' if auc is None else f'{auc:.3f}'} |",
+    ]
+
+
 def honour_markdown(result: dict[str, Any]) -> str:
     """The model card section (Markdown): the figures, the detector's validity and the settings."""
     s, summary = result["settings"], result["summary"]
@@ -71,6 +95,7 @@ def honour_markdown(result: dict[str, Any]) -> str:
         f"| Predicted csPCa probability vs report group (PI-RADS >= 4 vs 1-2), AUC | {auc_text(summary['auc_report'])} "
         "| >= 0.97 |",
         f"| Predicted csPCa probability vs label, AUC | {auc_text(summary['auc'])} | - |",
+        *handwritten_markdown(result),
         "",
         "Detector on the real phantom exams of the same cases (same grid), before judging generated exams:",
         "",
@@ -114,7 +139,8 @@ def honour_markdown(result: dict[str, Any]) -> str:
         "Reproduce: `ccella honour --model DIR "
         f"--n {s['n']} --seed {s['seed']} --atlas-seed {s['atlas_seed']} --atlas-n {s['atlas_n']} "
         f"--validation-seed {s['validation_seed']} "
-        f"--steps {s['steps']} --sampler {s['sampler']} --guidance {s['guidance']:g}{phantom_args} --out OUT`.",
+        f"--steps {s['steps']} --sampler {s['sampler']} --guidance {s['guidance']:g}{phantom_args} "
+        f"--handwritten-seeds {s.get('handwritten_seeds', 0)} --out OUT`.",
     ]
     return "\n".join(lines) + "\n"
 

@@ -38,6 +38,7 @@ class HonourSettings:
         institution: phantom institution of both (1: the reference protocol).
         phantom_size, phantom_spacing: grid the real phantom exams are rendered on before preprocessing; None = the
             model's ``phantoms:`` section (the grid its training phantoms had), else the institution's default.
+        handwritten_seeds: seeds per hand-written report (:mod:`~CCELLACore.metrics.handwritten`); 0 = none.
     """
 
     n: int = 50
@@ -51,8 +52,11 @@ class HonourSettings:
     institution: int = 1
     phantom_size: tuple[int, int, int] | None = None
     phantom_spacing: tuple[float, float, float] | None = None
+    handwritten_seeds: int = 3
 
     def __post_init__(self) -> None:
+        if self.handwritten_seeds < 0:
+            raise CCELLAError(f"handwritten_seeds must be >= 0, got {self.handwritten_seeds}")
         if self.n < 1 or self.atlas_n < 1 or (self.steps is not None and self.steps < 1):
             raise CCELLAError(f"n, atlas_n and steps must be >= 1, got {self.n}, {self.atlas_n}, {self.steps}")
         if len({self.seed, self.atlas_seed, self.validation_seed}) < 3:

@@ -45,6 +45,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "else the institution's)")
     parser.add_argument("--phantom-spacing", type=float, nargs=3, metavar=("SX", "SY", "SZ"), default=None,
                         help="their voxel size in mm (default: the institution's)")
+    parser.add_argument("--handwritten-seeds", type=int, default=3,
+                        help="seeds per hand-written report (10 reports outside the phantom templates; 0 = skip; "
+                             "default 3)")
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
     parser.add_argument("--update-card", action="store_true",
                         help="also write the section into the model directory's README.md (weights are untouched)")
@@ -60,6 +63,7 @@ def run(args: argparse.Namespace) -> int:
         sampler=args.sampler, guidance=args.guidance, institution=args.institution,
         phantom_size=tuple(args.phantom_size) if args.phantom_size else None,
         phantom_spacing=tuple(args.phantom_spacing) if args.phantom_spacing else None,
+        handwritten_seeds=args.handwritten_seeds,
     )
     pipe = CCELLAPipeline.from_pretrained(args.model, device=args.device)
     result = evaluate_honour(pipe, settings, progress=not args.no_progress,

@@ -13,6 +13,7 @@ import pytest
 
 from CCELLACore.errors import CCELLAError
 from CCELLACore.metrics import honour_cli
+from CCELLACore.metrics.handwritten import HANDWRITTEN_REPORTS
 from CCELLACore.metrics.honour_card import CARD_END, CARD_START, update_model_card
 from CCELLACore.metrics.honour import (
     ANATOMY_MIN_CORRELATION,
@@ -55,7 +56,7 @@ def test_honour_script_on_a_tiny_model(tiny_model, tmp_path, caplog):
     hash_before = model_hash(tiny_model)
     card_before = (tiny_model / "README.md").read_text(encoding="utf-8")
     argv = ["--model", str(tiny_model), "--out", str(out), "--n", "4", "--atlas-n", "4", "--steps", "2",
-            "--device", "cpu", "--no-progress", "--update-card", *TINY_PHANTOM]
+            "--device", "cpu", "--no-progress", "--update-card", "--handwritten-seeds", "1", *TINY_PHANTOM]
     assert _run_cli(argv) == 0
 
     result = json.loads((out / "honour.json").read_text(encoding="utf-8"))
@@ -109,10 +110,17 @@ def test_honour_script_on_a_tiny_model(tiny_model, tmp_path, caplog):
     assert hash_before in markdown and "Wall time" in markdown
     assert ("| Other sampling settings (the model's) | guidance interval [0.0, 1.0], side contrast False, "
             "side scale 1.0 |" in markdown)
+    # The hand-written reports: each generated once, judged as the phantom reports, on the card beside the gates.
+    hw = result["handwritten"]
+    assert [(r["report"], r["seed"]) for r in hw["records"]] == [(i, 0) for i in range(len(HANDWRITTEN_REPORTS))]
+    assert [r["group"] for r in hw["records"]] == [h.group for h in HANDWRITTEN_REPORTS]
+    assert hw["summary"]["pirads_4_5"]["lesion_found"]["n"] == 6 and hw["summary"]["pirads_1_2"]["lesion_found"]["n"] == 4
+    assert f"| Lesion found, PI-RADS >= 4 reports | {hw['summary']['pirads_4_5']['lesion_found']['count']}" in markdown
+    assert "--handwritten-seeds 1 --out OUT" in markdown
     # No report text anywhere in the outputs (any 30-character piece of any report).
     outputs = (out / "honour.json").read_text(encoding="utf-8") + markdown
-    for case in cases:
-        text = " ".join(case.report.split())
+    for text in [case.report for case in cases] + [h.text for h in HANDWRITTEN_REPORTS]:
+        text = " ".join(text.split())
         assert all(text[i : i + 30] not in outputs for i in range(0, max(len(text) - 30, 1), 15))
 
     # --update-card: the section sits between the markers, the old card is kept, the weights' hash is unchanged.
@@ -136,7 +144,7 @@ def test_honour_script_on_a_tiny_model(tiny_model, tmp_path, caplog):
         assert _run_cli([a for a in argv if a != "--update-card"]) == 0
     assert f"resumed 2 of 4 generated exams from {journal}" in caplog.text
     again = json.loads((out / "honour.json").read_text(encoding="utf-8"))
-    assert again["records"] == records and again["summary"] == summary
+    assert again["records"] == records and again["summary"] == summary and again["handwritten"] == hw
     assert journal.read_text(encoding="utf-8").splitlines(keepends=True) == lines
 
 
