@@ -10,7 +10,8 @@ from typing import Any, Callable, Iterable, Sequence
 import numpy as np
 
 from ..data.phantoms import generate_phantom
-from ..data.preprocess import PreprocessConfig, denormalize_array, normalize_volume, preprocess_exam
+from ..data.normalization import denormalize_array, normalize_volume
+from ..data.preprocess import PreprocessConfig, preprocess_exam
 from ..data.study import Exam
 from .honour_cases import GROUPS, EvaluationCase, HonourSettings, pirads_group, rate, report_side
 from .lesion_detector import DetectorThresholds, detect_lesions

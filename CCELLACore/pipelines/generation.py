@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from ..config import from_dict
-from ..data.preprocess import denormalize_array
+from ..data.normalization import denormalize_array
 from ..data.study import Exam
 from ..data.volume import SYNTHETIC_KEY, make_grid
 from ..errors import CCELLAError, ConfigError

@@ -265,7 +265,7 @@ def reference_intensities(studies: Manifest | list[Study], sequences: tuple[str,
     AxT2/HighB: the mean over the exams of their normalisation's upper bound (the 99.5th percentile recorded by
     ``ccella preprocess``); ADC: the upper end of its fixed window (3000 x 10^-6 mm^2/s).
     """
-    from ..data.preprocess import read_normalization
+    from ..data.normalization import read_normalization
     from ..data.volume import read_metadata
 
     uppers: dict[str, list[float]] = {s: [] for s in sequences}
