@@ -1,4 +1,5 @@
-"""The phantom world's truth: institutions, case ids, random streams and :func:`sample_truth`.
+"""The phantom world's truth: case ids, random streams and :func:`sample_truth` (the institutions' profiles are
+:mod:`~CCELLACore.data.phantom_institutions`).
 
 Step 1 of a phantom case (step 2, the images, is :mod:`CCELLACore.data.phantoms`): what a radiologist and a
 pathologist would know, drawn without painting a voxel: gland size, 0-3 lesions in named sectors (side, level, zone)
@@ -18,11 +19,12 @@ gland, 3 AxT2, 4 DWI, 5 report, 7 patient grouping), so a case does not depend o
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
 
+from .phantom_institutions import INSTITUTIONS, InstitutionProfile, get_institution
 from .study import LabelSource, derive_label
 
 __all__ = [
@@ -44,97 +46,6 @@ _PIRADS_PRIOR = {1: 0.12, 2: 0.25, 3: 0.20, 4: 0.25, 5: 0.18}
 #: P(histopathology known | case PI-RADS): biopsies follow suspicious MRI more often.
 _HISTOPATHOLOGY_PROBABILITY = {1: 0.55, 2: 0.55, 3: 0.8, 4: 0.9, 5: 0.9}
 _LEVELS = ("base", "mid", "apex")
-
-
-@dataclass(frozen=True)
-class InstitutionProfile:
-    """Scanner, protocol and intensity calibration of one institution.
-
-    Args:
-        institution: 1 or 2 (the paper's Institute 1 / Institute 2).
-        size, spacing: default AxT2 grid (voxels, mm); HighB/ADC use ``size // dwi_inplane_factor`` in-plane.
-        oblique_deg: range of the acquisition tilt about the left-right axis (0 = true axial).
-        field_strength_t: field strength recorded in reports (T).
-        b_values: high b-value(s) of the HighB image (one is drawn per case).
-        t2_gain, highb_gain: scale from the phantom's raw units to the institution's arbitrary units (calibrated to
-            Table 2 means: AxT2 ~281 / ~224, HighB ~16.9 / ~15.2).
-        adc_tissue_scale: ADC scale of soft tissue (scanner/protocol bias).
-        adc_fat: ADC of fat-suppressed fat (the bulk of the field of view; drives the ADC volume mean).
-        t2_noise, highb_noise: Rician noise sigma in raw units; adc_noise: relative ADC noise.
-        bias_strength: amplitude of the smooth receive-coil bias field (fraction).
-        t2_fluid_scale: AxT2 brightness of fluid (bladder, seminal vesicles, cysts) relative to institution 1.
-    """
-
-    institution: int
-    size: tuple[int, int, int]
-    spacing: tuple[float, float, float]
-    dwi_inplane_factor: int
-    oblique_deg: tuple[float, float]
-    field_strength_t: float
-    b_values: tuple[int, ...]
-    t2_gain: float
-    highb_gain: float
-    adc_tissue_scale: float
-    adc_fat: float
-    t2_noise: float
-    highb_noise: float
-    adc_noise: float
-    bias_strength: float
-    t2_fluid_scale: float = 1.0
-    #: Table 2 figures the gains were calibrated to: (mean, 99.5th percentile) per sequence.
-    targets: dict[str, tuple[float, float]] = field(default_factory=dict)
-
-
-INSTITUTIONS: dict[int, InstitutionProfile] = {
-    1: InstitutionProfile(
-        institution=1,
-        size=(64, 64, 32),
-        spacing=(2.0, 2.0, 2.0),
-        dwi_inplane_factor=2,
-        oblique_deg=(0.0, 0.0),
-        field_strength_t=3.0,
-        b_values=(1600,),
-        t2_gain=0.52,
-        highb_gain=2.95,
-        adc_tissue_scale=1.0,
-        adc_fat=10.0,
-        t2_noise=12.0,
-        highb_noise=2.0,
-        adc_noise=0.05,
-        bias_strength=0.15,
-        targets={"AxT2": (281.0, 853.0), "HighB": (16.9, 52.0), "ADC": (542.0, 2837.0)},
-    ),
-    2: InstitutionProfile(
-        institution=2,
-        size=(60, 60, 30),
-        spacing=(2.15, 2.15, 2.2),
-        dwi_inplane_factor=2,
-        oblique_deg=(2.0, 6.0),
-        field_strength_t=1.5,
-        b_values=(1400, 1500),
-        t2_gain=0.435,
-        highb_gain=2.4,
-        adc_tissue_scale=1.06,
-        adc_fat=380.0,
-        t2_noise=20.0,
-        highb_noise=2.2,
-        adc_noise=0.08,
-        bias_strength=0.22,
-        t2_fluid_scale=0.8,
-        targets={"AxT2": (224.0, 594.0), "HighB": (15.2, 47.0), "ADC": (766.0, 3105.0)},
-    ),
-}
-
-
-def get_institution(institution: int | str) -> InstitutionProfile:
-    """The profile of institution ``1`` or ``2`` (int or string); ValueError names the allowed values."""
-    try:
-        key = int(str(institution).strip())
-    except ValueError:
-        key = -1
-    if key not in INSTITUTIONS:
-        raise ValueError(f"institution must be one of {sorted(INSTITUTIONS)}, got {institution!r}")
-    return INSTITUTIONS[key]
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -22,8 +22,9 @@ statistics (means over the whole volume, air included).
 
 Modules, and why the imports go one way:
 
-- :mod:`~CCELLACore.data.phantom_truth`: institutions, truth dataclasses, ids, random streams, :func:`sample_truth`
-  and the gland-frame geometry it needs. Imports neither of the other two.
+- :mod:`~CCELLACore.data.phantom_institutions`: the institutions' scanner and appearance profiles (imports nothing).
+- :mod:`~CCELLACore.data.phantom_truth`: truth dataclasses, ids, random streams, :func:`sample_truth` and the
+  gland-frame geometry it needs. Imports neither of the two below.
 - :mod:`~CCELLACore.data.phantom_reports`: the report text, written from a truth alone (imports phantom_truth).
 - this module: the images and masks (:func:`render_case`), :class:`PhantomCase`, :func:`generate_phantom` and
   :func:`phantom_report` (imports both). Images and reports are both written from the truth, so
@@ -42,19 +43,17 @@ from typing import Any
 
 import numpy as np
 
+from .phantom_institutions import INSTITUTIONS, InstitutionProfile, get_institution
 from .phantom_reports import write_report
 from .phantom_truth import (
     CSPCA_PROBABILITY,
-    INSTITUTIONS,
     CaseTruth,
     ConfounderTruth,
-    InstitutionProfile,
     LesionTruth,
     _ellipsoid_sdf,
     _gland_frame,
     _stream,
     _to_local,
-    get_institution,
     phantom_ids,
     sample_truth,
 )
