@@ -33,7 +33,8 @@ from torch.nn.parallel import DistributedDataParallel
 from ..data.manifest import read_manifest
 from ..data.study import SEQUENCES
 from ..errors import ConfigError, DataError
-from .autoencoder_data import gather_crops, load_sequence_samples, sample_batch
+from .autoencoder_data import check_geometry, gather_crops, load_sequence_samples, sample_batch
+from .autoencoder_losses import kl_loss, metrics_from_totals, reconstruction_metrics
 from .checkpoint import TrainingState, config_hash, find_checkpoint, load_checkpoint, save_checkpoint
 from .distributed import DistributedContext, init_distributed, run_record
 from .ema import EMA
@@ -139,77 +140,7 @@ class AutoencoderTrainingConfig:
             raise ValueError(f"val_split '{self.val_split}' is also a training split")
 
 
-# ----------------------------------------------------------------------------------------------------------- losses
-def kl_loss(z_mu: torch.Tensor, z_sigma: torch.Tensor) -> torch.Tensor:
-    """KL divergence of N(mu, sigma^2) from N(0, I), summed over latent voxels and averaged over the batch (MAISI).
-
-    Args:
-        z_mu, z_sigma: (B, C, x, y, z).
-    """
-    var = z_sigma.float().pow(2)
-    kl = 0.5 * (z_mu.float().pow(2) + var - torch.log(var.clamp_min(1e-12)) - 1.0)
-    return kl.sum(dim=tuple(range(1, kl.ndim))).mean()
-
-
-@torch.no_grad()
-def reconstruction_metrics(model: nn.Module, images: torch.Tensor, device: torch.device, dtype: torch.dtype,
-                           ssim: nn.Module) -> torch.Tensor:
-    """Sums over whole volumes of L1, PSNR (dB, data range 1) and SSIM, and their count, reconstructing from the
-    posterior mean (no sampling, so validation draws no random numbers).
-
-    Args:
-        images: (N, 1, X, Y, Z) in [0, 1].
-
-    Returns:
-        (4,) float64 tensor ``[sum L1, sum PSNR, sum SSIM, N]`` on ``device`` (ready for a DDP sum-reduce).
-    """
-    totals = torch.zeros(4, dtype=torch.float64, device=device)
-    for i in range(images.shape[0]):
-        x = images[i:i + 1].to(device)
-        with autocast_context(device, dtype):
-            z_mu, _ = model.encode(x)
-            recon = model.decode(z_mu)
-        recon = recon.float().clamp(0.0, 1.0)
-        mse = (recon - x).pow(2).mean().clamp_min(1e-10)
-        totals[0] += (recon - x).abs().mean().double()
-        totals[1] += (10.0 * torch.log10(1.0 / mse)).double()
-        totals[2] += (1.0 - ssim(recon, x)).double().sum()
-        totals[3] += 1
-    return totals
-
-
-def _metrics_from_totals(totals: torch.Tensor) -> dict[str, float]:
-    n = max(float(totals[3]), 1.0)
-    return {"val_l1": float(totals[0]) / n, "val_psnr": float(totals[1]) / n, "val_ssim": float(totals[2]) / n}
-
-
 # ------------------------------------------------------------------------------------------------------------- job
-def _check_geometry(config, cfg: AutoencoderTrainingConfig, grid: tuple[int, int, int]) -> tuple[int, int, int] | None:
-    """The patch to crop (None = whole volume), after checking grid and patch against the autoencoder."""
-    factor = config.autoencoder.downsample_factor
-    if any(s % factor for s in grid):
-        raise ConfigError(f"the preprocessed grid {grid} must be divisible by the autoencoder's downsampling factor "
-                          f"{factor} on every axis; change the grid and preprocess again",
-                          key="preprocess.ldm.grid.size")
-    patch = cfg.patch_size
-    if patch is not None:
-        patch = tuple(int(p) for p in patch)
-        if any(p % factor for p in patch) or any(p > g for p, g in zip(patch, grid)):
-            raise ConfigError(f"patch_size {patch} must be a multiple of the downsampling factor {factor} and at most "
-                              f"the grid {grid} on every axis", key="train_autoencoder.patch_size")
-        if patch == grid:
-            patch = None
-    trained = patch or grid
-    if cfg.ssim_weight > 0 and min(trained) < cfg.ssim_win_size:
-        raise ConfigError(f"SSIM window {cfg.ssim_win_size} is larger than the trained volume {trained}",
-                          key="train_autoencoder.ssim_win_size")
-    if cfg.adversarial_weight > 0 and min(trained) < 2 ** (cfg.disc_layers + 2):
-        # Each layer halves the side; instance norm needs > 1 voxel at the last one.
-        raise ConfigError(f"a {cfg.disc_layers}-layer discriminator needs >= {2 ** (cfg.disc_layers + 2)} voxels per "
-                          f"side, the trained volume is {trained}", key="train_autoencoder.disc_layers")
-    return patch  # type: ignore[return-value]
-
-
 def _build_discriminator(cfg: AutoencoderTrainingConfig, in_channels: int) -> nn.Module:
     from monai.networks.nets import PatchDiscriminator
 
@@ -303,7 +234,7 @@ def train_autoencoder(
     if train is None:
         raise DataError("<none>", f"{manifest_path}: no usable exam in splits {list(cfg.train_splits)} "
                                   f"({len(train_studies)} listed, {len(skipped)} skipped)")
-    patch = _check_geometry(config, cfg, train.grid_size)
+    patch = check_geometry(config, cfg, train.grid_size)
     if ctx.is_main:
         logger.info("%d training samples (%d exams x %d sequences), %d validation samples, grid %s",
                     len(train), train.n_exams, len(sequences), 0 if val is None else len(val), train.grid_size)
@@ -354,7 +285,7 @@ def train_autoencoder(
         totals = _sum_reduce(ctx, reconstruction_metrics(eval_model, mine, dev, dtype, ssim_per_volume))
         if was_training:
             model.train()
-        return _metrics_from_totals(totals.cpu())
+        return metrics_from_totals(totals.cpu())
 
     # 3. The loop.
     total = cfg.max_steps

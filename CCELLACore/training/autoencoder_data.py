@@ -7,14 +7,18 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
-from ..errors import DataError
+from ..errors import ConfigError, DataError
 from .distributed import DistributedContext
 
-__all__ = ["SequenceSamples", "load_sequence_samples", "sample_batch", "gather_crops"]
+if TYPE_CHECKING:  # autoencoder imports this module
+    from .autoencoder import AutoencoderTrainingConfig
+
+__all__ = ["SequenceSamples", "load_sequence_samples", "sample_batch", "gather_crops", "check_geometry"]
 
 #: Intensities of an LDM-preprocessed volume lie in [0, 1]; a little slack for interpolation, none for raw data.
 _INTENSITY_RANGE = (-0.05, 1.05)
@@ -144,3 +148,29 @@ def gather_crops(images: torch.Tensor, index: torch.Tensor, corners: torch.Tenso
             x = x[:, a:a + p, b:b + q, c:c + r]
         out.append(x.flip(1) if flipped else x)
     return torch.stack(out)
+
+
+def check_geometry(config, cfg: AutoencoderTrainingConfig, grid: tuple[int, int, int]) -> tuple[int, int, int] | None:
+    """The patch to crop (None = whole volume), after checking grid and patch against the autoencoder."""
+    factor = config.autoencoder.downsample_factor
+    if any(s % factor for s in grid):
+        raise ConfigError(f"the preprocessed grid {grid} must be divisible by the autoencoder's downsampling factor "
+                          f"{factor} on every axis; change the grid and preprocess again",
+                          key="preprocess.ldm.grid.size")
+    patch = cfg.patch_size
+    if patch is not None:
+        patch = tuple(int(p) for p in patch)
+        if any(p % factor for p in patch) or any(p > g for p, g in zip(patch, grid)):
+            raise ConfigError(f"patch_size {patch} must be a multiple of the downsampling factor {factor} and at most "
+                              f"the grid {grid} on every axis", key="train_autoencoder.patch_size")
+        if patch == grid:
+            patch = None
+    trained = patch or grid
+    if cfg.ssim_weight > 0 and min(trained) < cfg.ssim_win_size:
+        raise ConfigError(f"SSIM window {cfg.ssim_win_size} is larger than the trained volume {trained}",
+                          key="train_autoencoder.ssim_win_size")
+    if cfg.adversarial_weight > 0 and min(trained) < 2 ** (cfg.disc_layers + 2):
+        # Each layer halves the side; instance norm needs > 1 voxel at the last one.
+        raise ConfigError(f"a {cfg.disc_layers}-layer discriminator needs >= {2 ** (cfg.disc_layers + 2)} voxels per "
+                          f"side, the trained volume is {trained}", key="train_autoencoder.disc_layers")
+    return patch  # type: ignore[return-value]
