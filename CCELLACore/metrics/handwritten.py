@@ -39,12 +39,12 @@ HANDWRITTEN_REPORTS = (
     HandwrittenReport("pirads_4_5", "left", "Findings: 12 mm lesion in the left anterior transition zone, low T2 "
                       "signal, bright on DWI. Impression: PI-RADS 4."),
     HandwrittenReport("pirads_4_5", "left", "Lt TZ anterior 1.2 cm lesion, low T2, DWI bright. PI-RADS 4."),
-    HandwrittenReport("pirads_4_5", "right", "Right TZ lesion, 14 mm, homogeneous low T2, marked restriction. PIRADS 4. "
-                      "Biopsy advised."),
-    HandwrittenReport("pirads_4_5", "right", "There is a 16 mm lesion in the right peripheral zone at the mid gland with "
-                      "markedly restricted diffusion. PI-RADS 5."),
-    HandwrittenReport("pirads_4_5", "left", "PI-RADS 5: 2.0 cm left PZ posterolateral lesion with EPE, very dark on ADC, "
-                      "bright on b1400."),
+    HandwrittenReport("pirads_4_5", "right", "Right TZ lesion, 14 mm, homogeneous low T2, marked restriction. "
+                      "PIRADS 4. Biopsy advised."),
+    HandwrittenReport("pirads_4_5", "right", "There is a 16 mm lesion in the right peripheral zone at the mid gland "
+                      "with markedly restricted diffusion. PI-RADS 5."),
+    HandwrittenReport("pirads_4_5", "left", "PI-RADS 5: 2.0 cm left PZ posterolateral lesion with EPE, very dark on "
+                      "ADC, bright on b1400."),
     HandwrittenReport("pirads_4_5", "right", "MRI prostate. PSA 9. Suspicious lesion right apex PZ, 11 mm, restricted "
                       "diffusion. Overall PI-RADS 4, targeted biopsy recommended."),
     HandwrittenReport("pirads_1_2", None, "Normal prostate, no focal lesion. PI-RADS 1."),

@@ -48,8 +48,6 @@ Example:
 
 from __future__ import annotations
 
-from __future__ import annotations
-
 import logging
 import time
 from dataclasses import asdict, replace
@@ -61,11 +59,11 @@ import numpy as np
 from ..data.preprocess import PreprocessConfig
 from ..errors import CCELLAError
 from ..fileio import Journal
-from .honour_cases import (GROUPS, TARGETS, EvaluationCase, HonourSettings, evaluation_cases,
-                           pirads_group, rank_auc, rate, report_side)
-from .honour_reference import (ANATOMY_MIN_CORRELATION, anatomy, case_base, detect, detector_validity, gland_atlas, grid_reference, group_rates,
-                               model_representation, real_exam_on_grid)
 from .handwritten import evaluate_handwritten
+from .honour_cases import (GROUPS, TARGETS, EvaluationCase, HonourSettings, evaluation_cases, pirads_group, rank_auc,
+                           rate, report_side)
+from .honour_reference import (ANATOMY_MIN_CORRELATION, anatomy, case_base, detect, detector_validity, gland_atlas,
+                               grid_reference, group_rates, model_representation, real_exam_on_grid)
 from .lesion_detector import DetectorThresholds
 
 __all__ = [

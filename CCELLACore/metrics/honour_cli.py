@@ -3,7 +3,8 @@
 Writes ``<out>/honour.json`` (per-case records and summary, no report text) and ``<out>/honour.md`` (a Markdown
 section for the model card); ``<out>/generated.jsonl`` keeps each generated exam's record as it is judged, so a
 killed run, started again with the same command, generates only the rest. ``--update-card`` also puts the section
-into ``<model>/README.md`` between ``<!-- honour:start -->`` and ``<!-- honour:end -->``. See :mod:`CCELLACore.metrics.honour` for the procedure.
+into ``<model>/README.md`` between ``<!-- honour:start -->`` and ``<!-- honour:end -->``. See
+:mod:`CCELLACore.metrics.honour` for the procedure.
 """
 
 from __future__ import annotations
