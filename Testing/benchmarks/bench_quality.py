@@ -85,11 +85,13 @@ def main() -> None:
     machine = describe_machine(args.threads)
 
     from CCELLACore.cli import main as ccella
+    from CCELLACore.models.serialization import model_hash
     from CCELLACore.settings import load_config
 
     work = args.work or Path(tempfile.mkdtemp(prefix="bench_quality_"))
     real = real_set(work, args.n, args.seed)
     sampling = load_config(DEMO_MODEL / "config.yaml").sampling
+    weights = model_hash(DEMO_MODEL)  # the figures belong to these weights: a retrained demo model needs a re-run
     rows, raw = [], {}
 
     def score(label: str, name: str, manifest: Path, seconds: str) -> None:
@@ -117,7 +119,7 @@ def main() -> None:
     end_load = machine_load()
     (work / "bench_quality.json").write_text(json.dumps(raw, indent=1, default=str))
     lines = machine_lines(machine, end_load) + [
-        f"- Demo model (velocity-trained; its sampling defaults: guidance {sampling.guidance:g}, side contrast "
+        f"- Demo model, weights `{weights[:12]}` (velocity-trained; its sampling defaults: guidance {sampling.guidance:g}, side contrast "
         f"{sampling.side_contrast}, side scale {sampling.side_scale:g}), "
         f"full decoder; real set: {args.n} phantom exams of seed {args.seed} (never trained on); each setting "
         f"synthesizes one exam per real exam from its report, generation seeds 0..{args.n - 1} for every row "
