@@ -112,8 +112,8 @@ class Journal:
 
     The first line holds ``key`` (what the items depend on: settings, model hash); a journal written under another
     key is started again, never mixed in. Each :meth:`append` writes one line and fsyncs it. A process killed
-    mid-line leaves a truncated last line: :meth:`items` stops before it and the next append overwrites it, so a
-    partial item is never taken for a finished one.
+    mid-line leaves a truncated last line: reading stops before it and opening the journal cuts it off, so a partial
+    item is never taken for a finished one.
 
     Example:
         >>> journal = Journal(out / "generated.jsonl", key={"seed": 8000})      # doctest: +SKIP
