@@ -19,7 +19,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from .honour_cases import rank_auc, rate
+from .honour_cases import rate, report_group_auc
 from .honour_reference import anatomy, detect, group_rates
 from .lesion_detector import DetectorThresholds
 
@@ -78,12 +78,7 @@ def evaluate_handwritten(pipe: Any, atlas: np.ndarray, references: dict[str, np.
                         "probability": round(float(out.class_probability), 6)})
     summary = group_rates(records)
     summary["anatomy"] = rate(sum(r["anatomy"] for r in records), len(records))
-    grouped = [r for r in records if r["group"] in ("pirads_4_5", "pirads_1_2")]
-    summary["auc_report"] = {
-        "value": rank_auc([r["probability"] for r in grouped], [int(r["group"] == "pirads_4_5") for r in grouped]),
-        "positives": sum(1 for r in grouped if r["group"] == "pirads_4_5"),
-        "negatives": sum(1 for r in grouped if r["group"] == "pirads_1_2"),
-    }
+    summary["auc_report"] = report_group_auc(records)
     for group in ("pirads_4_5", "pirads_1_2"):
         members = [r["probability"] for r in records if r["group"] == group]
         summary[group]["mean_probability"] = round(float(np.mean(members)), 4) if members else None

@@ -61,7 +61,7 @@ from ..errors import CCELLAError
 from ..fileio import Journal
 from .handwritten import evaluate_handwritten
 from .honour_cases import (GROUPS, TARGETS, EvaluationCase, HonourSettings, evaluation_cases, pirads_group, rank_auc,
-                           rate, report_side)
+                           rate, report_group_auc, report_side)
 from .honour_reference import (ANATOMY_MIN_CORRELATION, anatomy, case_base, detect, detector_validity, gland_atlas,
                                grid_reference, group_rates, model_representation, real_exam_on_grid)
 from .lesion_detector import DetectorThresholds
@@ -202,12 +202,7 @@ def evaluate_honour(pipe: Any, settings: HonourSettings = HonourSettings(), *, p
     }
     # The adapter judged against the report: PI-RADS >= 4 vs PI-RADS 1-2 (labels are drawn from P(csPCa | PI-RADS),
     # so no report-only predictor separates the labels much better than the report groups allow).
-    grouped = [r for r in records if r["group"] in ("pirads_4_5", "pirads_1_2")]
-    summary["auc_report"] = {
-        "value": rank_auc([r["probability"] for r in grouped], [int(r["group"] == "pirads_4_5") for r in grouped]),
-        "positives": sum(1 for r in grouped if r["group"] == "pirads_4_5"),
-        "negatives": sum(1 for r in grouped if r["group"] == "pirads_1_2"),
-    }
+    summary["auc_report"] = report_group_auc(records)
     summary["anatomy"] = rate(sum(r["anatomy"] for r in records), len(records))
     spacing = tuple(float(s) for s in config.grid.spacing)
     return {

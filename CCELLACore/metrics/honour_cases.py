@@ -13,8 +13,8 @@ from ..data.phantoms import CaseTruth, phantom_report, sample_truth
 from ..errors import CCELLAError
 from ..reports import is_empty_report
 
-__all__ = ["HonourSettings", "EvaluationCase", "GROUPS", "TARGETS", "rank_auc", "rate", "pirads_group",
-           "report_side", "evaluation_cases"]
+__all__ = ["HonourSettings", "EvaluationCase", "GROUPS", "TARGETS", "rank_auc", "report_group_auc", "rate",
+           "pirads_group", "report_side", "evaluation_cases"]
 
 #: Report groups: the two with targets, and PI-RADS 3 (reported separately).
 GROUPS = ("pirads_4_5", "pirads_1_2", "pirads_3")
@@ -102,6 +102,17 @@ def rank_auc(scores: Sequence[float], labels: Sequence[int]) -> float | None:
         i = j + 1
     positive_rank_sum = sum(r for r, (_, y) in zip(ranks, pairs) if y == 1)
     return float((positive_rank_sum - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
+
+
+def report_group_auc(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """The class probability judged against the report: AUC of PI-RADS >= 4 vs PI-RADS 1-2 records (``group``,
+    ``probability``), with the two counts; PI-RADS 3 records are left out."""
+    grouped = [r for r in records if r["group"] in ("pirads_4_5", "pirads_1_2")]
+    return {
+        "value": rank_auc([r["probability"] for r in grouped], [int(r["group"] == "pirads_4_5") for r in grouped]),
+        "positives": sum(1 for r in grouped if r["group"] == "pirads_4_5"),
+        "negatives": sum(1 for r in grouped if r["group"] == "pirads_1_2"),
+    }
 
 
 def rate(k: int, n: int) -> dict[str, Any]:
