@@ -15,7 +15,7 @@ __all__ = ["EMA"]
 
 
 class EMA:
-    """Exponential moving average of ``model``'s floating-point parameters.
+    """Exponential moving average of ``model``'s trainable floating-point parameters.
 
     Args:
         model: the network being trained; shadows start as copies of its current weights.
@@ -39,7 +39,10 @@ class EMA:
             name: p.detach().to(torch.float32 if p.is_floating_point() else p.dtype).clone()
             for name, p in model.state_dict().items()
         }
-        self._param_names = {name for name, p in model.named_parameters() if p.is_floating_point()}
+        # Frozen parameters (``requires_grad`` False when the EMA is made, e.g. an encoder kept while its decoder is
+        # fine-tuned) follow the model like buffers: averaging a constant drifts it by rounding, ~1e-6 in 1000 steps.
+        self._param_names = {name for name, p in model.named_parameters()
+                             if p.is_floating_point() and p.requires_grad}
 
     def current_decay(self) -> float:
         """The decay the next :meth:`update` uses."""
@@ -60,7 +63,7 @@ class EMA:
             shadow = self.shadow[name]
             if name in self._param_names:
                 shadow.mul_(d).add_(value.detach().to(shadow.device, torch.float32), alpha=1.0 - d)
-            else:  # buffers (running statistics, counters): follow the model
+            else:  # buffers (running statistics, counters) and frozen parameters: follow the model
                 shadow.copy_(value.detach())
         self.num_updates += 1
 
