@@ -7,7 +7,11 @@ Usage:
 
 Writes ``<out>/checkpoints/`` (a re-run of the same command resumes exactly), ``<out>/metrics.csv`` and the model
 directory ``<out>/model`` (component ``autoencoder``), which ``ccella train-ldm --autoencoder <out>/model`` takes.
-To fine-tune NVIDIA's MAISI weights, set ``autoencoder.weights_path`` in a YAML config (the architecture must match).
+To fine-tune NVIDIA's MAISI weights, set ``autoencoder.weights_path`` (the architecture must match). To fine-tune only
+the decoder of a trained model, keeping its latents (then ``ccella replace-decoder`` puts it into a generator)::
+
+    ccella train-autoencoder --config demo --manifest prep/manifest.csv --out runs/decoder --max-steps 1000 \
+        --set autoencoder.weights_path=runs/ae/model/autoencoder.safetensors --set train_autoencoder.train_encoder=false
 """
 
 from __future__ import annotations
@@ -30,6 +34,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="stop after this step with a checkpoint (train a long schedule in pieces)")
     parser.add_argument("--institution", help="train on this institution's rows of the manifest only")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="where to train")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config key, e.g. --set train_autoencoder.lr=3e-4 (repeatable)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -39,7 +45,7 @@ def run(args: argparse.Namespace) -> int:
 
     from .distributed import print_run_end
 
-    config = load_config(args.config)
+    config = load_config(args.config, args.set)
     model_dir = train_autoencoder(config, args.manifest, args.out, device=args.device, max_steps=args.max_steps,
                                   stop_after=args.stop_after, progress=not args.no_progress,
                                   institution=args.institution)

@@ -5,13 +5,14 @@ killed run continues bit-identically (:mod:`CCELLACore.training.autoencoder`).""
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
+from ..data.study import read_case_volume
 from ..errors import ConfigError, DataError
 from .distributed import DistributedContext
 
@@ -32,11 +33,13 @@ class SequenceSamples:
         images: (N, 1, X, Y, Z) float32 intensities in [0, 1].
         names: ``(case_id, sequence)`` of each sample.
         spacing: voxel spacing (mm) of the grid shared by all samples.
+        masks: name -> (N, 1, X, Y, Z) bool, each sample's exam mask (``load_sequence_samples(..., masks=...)``).
     """
 
     images: torch.Tensor
     names: list[tuple[str, str]]
     spacing: tuple[float, float, float]
+    masks: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return int(self.images.shape[0])
@@ -51,7 +54,8 @@ class SequenceSamples:
 
 
 def load_sequence_samples(studies, sequences: tuple[str, ...], *, grid_size: tuple[int, ...] | None = None,
-                          source: str | Path = "manifest") -> tuple[SequenceSamples | None, list[tuple[str, str]]]:
+                          source: str | Path = "manifest", masks: tuple[str, ...] = ()
+                          ) -> tuple[SequenceSamples | None, list[tuple[str, str]]]:
     """Read every sequence of every study into one tensor; exams that cannot be used are skipped, not fatal.
 
     Args:
@@ -59,6 +63,8 @@ def load_sequence_samples(studies, sequences: tuple[str, ...], *, grid_size: tup
         sequences: the sequences to read from each exam (an exam lacking one is skipped).
         grid_size: the grid every volume must have (default: that of the first readable exam).
         source: the manifest, for error messages.
+        masks: also read these masks of each exam (``SequenceSamples.masks``): an exam without its ``gland`` mask
+            is skipped, one without a ``lesion`` mask has none (all false); one on another grid is skipped.
 
     Returns:
         ``(samples or None when no exam was usable, [(case_id, reason)] of the skipped exams)``; the reasons name the
@@ -68,12 +74,17 @@ def load_sequence_samples(studies, sequences: tuple[str, ...], *, grid_size: tup
         DataError: an exam's intensities are outside [0, 1]: the manifest was not preprocessed with ``--target ldm``.
     """
     arrays: list[np.ndarray] = []
+    mask_arrays: dict[str, list[np.ndarray]] = {name: [] for name in masks}
     names: list[tuple[str, str]] = []
     skipped: list[tuple[str, str]] = []
     spacing: tuple[float, float, float] | None = None
     for study in studies:
         try:
+            if "gland" in masks and "gland" not in study.masks:
+                raise DataError(study.case_id, "no gland mask in the manifest (column gland_mask)")
             exam = study.load(sequences, masks=False)
+            read = {name: read_case_volume(study.case_id, study.masks[name]).array > 0.5
+                    for name in masks if name in study.masks}
         except DataError as exc:
             skipped.append((study.case_id, exc.reason))
             continue
@@ -88,6 +99,10 @@ def load_sequence_samples(studies, sequences: tuple[str, ...], *, grid_size: tup
             skipped.append((study.case_id, f"grid {shape} differs from {tuple(grid_size)} of the other exams; "
                                            "run `ccella preprocess --target ldm` on all of them"))
             continue
+        wrong = [f"{name} mask grid {tuple(m.shape)}" for name, m in read.items() if tuple(m.shape) != shape]
+        if wrong:
+            skipped.append((study.case_id, f"{wrong[0]} differs from the images' {shape}"))
+            continue
         for seq in sequences:
             array = np.asarray(exam.volumes[seq].array, dtype=np.float32)
             lo, hi = float(array.min()), float(array.max())
@@ -96,12 +111,15 @@ def load_sequence_samples(studies, sequences: tuple[str, ...], *, grid_size: tup
                                 f"normalised to [0, 1]; {source} must come from `ccella preprocess --target ldm`")
             arrays.append(array)
             names.append((study.case_id, seq))
+            for name in masks:
+                mask_arrays[name].append(read[name] if name in read else np.zeros(shape, bool))
         if spacing is None:
             spacing = tuple(float(s) for s in exam.reference.spacing)  # type: ignore[assignment]
     if not arrays:
         return None, skipped
     images = torch.from_numpy(np.stack(arrays)[:, None]).clamp_(0.0, 1.0)
-    return SequenceSamples(images, names, spacing), skipped  # type: ignore[arg-type]
+    tensors = {name: torch.from_numpy(np.stack(arrays)[:, None]) for name, arrays in mask_arrays.items()}
+    return SequenceSamples(images, names, spacing, tensors), skipped  # type: ignore[arg-type]
 
 
 def _step_generator(seed: int, step: int, stream: int) -> torch.Generator:

@@ -7,7 +7,21 @@ from torch import nn
 
 from ..precision import autocast_context
 
-__all__ = ["kl_loss", "reconstruction_metrics", "metrics_from_totals"]
+__all__ = ["kl_loss", "weighted_l1", "reconstruction_metrics", "metrics_from_totals"]
+
+
+def weighted_l1(recon: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean absolute error, weighted per voxel where ``weight`` is given (sum(w |e|) / sum(w)).
+
+    Args:
+        recon, target: (B, 1, x, y, z).
+        weight: None or positive weights broadcastable to them (the gland-weighted L1: 1 outside, 1 + w inside).
+    """
+    error = (recon - target).abs()
+    if weight is None:
+        return error.mean()
+    weight = weight.to(error.dtype).expand_as(error)
+    return (error * weight).sum() / weight.sum()
 
 
 def kl_loss(z_mu: torch.Tensor, z_sigma: torch.Tensor) -> torch.Tensor:

@@ -221,3 +221,41 @@ def test_decoder_only_fine_tuning_keeps_the_encoder_and_so_the_latents(prep, ful
     frozen = ("encoder.", "quant_conv_mu.", "quant_conv_log_sigma.")
     assert all(torch.equal(after[k], before[k]) for k in before if k.startswith(frozen))
     assert any(not torch.equal(after[k], before[k]) for k in before if k.startswith("decoder."))
+
+
+def test_weighted_l1_is_the_weighted_mean_of_the_absolute_error():
+    from CCELLACore.training.autoencoder_losses import weighted_l1
+
+    target = torch.zeros(1, 1, 2, 1, 1)
+    recon = torch.tensor([1.0, 3.0]).reshape(1, 1, 2, 1, 1)
+    assert weighted_l1(recon, target).item() == pytest.approx(2.0)
+    weight = torch.tensor([1.0, 4.0]).reshape(1, 1, 2, 1, 1)  # gland_weight 3 on the second voxel
+    assert weighted_l1(recon, target, weight).item() == pytest.approx((1.0 * 1 + 3.0 * 4) / 5)
+
+
+def test_gland_weight_reads_each_exams_gland_and_needs_masks(prep, full_run, tmp_path):
+    """``gland_weight`` / ``lesion_weight``: every sequence sample carries its exam's own masks, the weighted L1
+    changes the training loss from the plain one (same seed, same samples), the card names it; a manifest without
+    gland masks is refused naming the key."""
+    from CCELLACore.training.autoencoder_data import load_sequence_samples
+
+    studies = read_manifest(prep).studies
+    samples, skipped = load_sequence_samples(studies, SEQUENCES, masks=("gland", "lesion"))
+    assert not skipped and all(m.shape == samples.images.shape for m in samples.masks.values())
+    for k, (case, _) in enumerate(samples.names):
+        study = next(s for s in studies if s.case_id == case)
+        own = torch.from_numpy(study.load(masks=True).masks["gland"].array > 0.5)
+        assert torch.equal(samples.masks["gland"][k, 0], own) and own.any() and not own.all()
+        lesion = torch.from_numpy(study.load(masks=True).masks["lesion"].array > 0.5)
+        assert torch.equal(samples.masks["lesion"][k, 0], lesion)
+
+    train_autoencoder(_tiny(gland_weight=9.0, lesion_weight=20.0, max_steps=2), prep, tmp_path / "gland",
+                      device="cpu", progress=False)
+    plain, weighted = float(_rows(full_run)[0]["train_l1"]), float(_rows(tmp_path / "gland")[0]["train_l1"])
+    assert weighted != pytest.approx(plain, rel=1e-3)
+    card = (tmp_path / "gland" / "model" / "README.md").read_text(encoding="utf-8")
+    assert "(gland voxels x 10) (lesion voxels + 20)" in card
+
+    bare = write_manifest([dataclasses.replace(s, masks={}) for s in studies], tmp_path / "bare" / "manifest.csv")
+    with pytest.raises(ConfigError, match="train_autoencoder.gland_weight"):
+        train_autoencoder(_tiny(gland_weight=9.0), bare, tmp_path / "bare_run", device="cpu", progress=False)
