@@ -24,6 +24,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "import-autoencoder": ("CCELLACore.models.import_cli", "a frozen autoencoder model folder from pretrained weights (NVIDIA's MAISI), no training"),
     "train-autoencoder": ("CCELLACore.training.autoencoder_cli", "train the MAISI-architecture autoencoder on preprocessed exams"),
     "train-ldm": ("CCELLACore.training.ldm_cli", "train the CCELLA adapter + U-Net (one process or torchrun DDP)"),
+    "replace-decoder": ("CCELLACore.models.replace_decoder_cli", "put a fine-tuned decoder (same encoder, same latents) into a generator model folder"),
     "distill-decoder": ("CCELLACore.training.distill_decoder_cli", "distil a light decoder from a model's full decoder and add it to the model folder"),
     "generate": ("CCELLACore.pipelines.generate_cli", "generate synthetic AxT2/HighB/ADC exams from reports"),
     "synthesize": ("CCELLACore.pipelines.synthesize_cli", "one synthetic exam per real exam of a manifest (torchrun-sharded, resumable)"),
