@@ -60,6 +60,19 @@ def cpu_capability() -> str:
     return f"{' + '.join(parts)} (torch dispatch {torch.backends.cpu.get_cpu_capability()})"
 
 
+def machine_kind() -> str:
+    """The CPU kind that sets the speed figures: ``amx``, ``avx512-bf16``, ``avx512`` or ``avx2`` (each machine
+    kind keeps its own BENCHMARKS.md sections, so a run on one kind never replaces another kind's figures)."""
+    from CCELLACore.precision import cpu_flags
+
+    flags = cpu_flags()
+    if "amx_bf16" in flags:
+        return "amx"
+    if "avx512_bf16" in flags:
+        return "avx512-bf16"
+    return "avx512" if "avx512f" in flags else "avx2"
+
+
 def machine_load() -> dict[str, Any]:
     """How busy the machine is before we start: 1-minute load average and CPU use over one second."""
     import psutil
@@ -220,9 +233,14 @@ def isolated(fn: Callable[..., dict], threads: int, timeout_s: float | None = No
             return {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"}
 
 
-def write_section(name: str, title: str, lines: list[str], path: Path = BENCHMARKS_MD) -> Path:
-    """Replace (or append) the section between ``<!-- bench:NAME:begin -->`` and ``<!-- bench:NAME:end -->``."""
+def write_section(name: str, title: str, lines: list[str], path: Path = BENCHMARKS_MD, *,
+                  per_machine: bool = False) -> Path:
+    """Replace (or append) the section between ``<!-- bench:NAME:begin -->`` and ``<!-- bench:NAME:end -->``;
+    ``per_machine``: one section per :func:`machine_kind` (NAME@KIND, the kind in the title)."""
     from CCELLACore.fileio import atomic_write_text
+
+    if per_machine:
+        name, title = f"{name}@{machine_kind()}", f"{title} ({machine_kind()} CPU)"
 
     begin, end = f"<!-- bench:{name}:begin -->", f"<!-- bench:{name}:end -->"
     body = "\n".join([begin, f"## {title}", "", *lines, end])

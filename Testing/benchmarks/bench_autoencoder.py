@@ -144,7 +144,9 @@ def main() -> None:
                      f"faster, peak {full128['peak_rss_gib']:.2f} vs {fp32['peak_rss_gib']:.2f} GiB.")
     print("\n".join(lines))
     if not args.no_write:
-        print(f"wrote {write_section('autoencoder', 'Encode and decode: full, light and tiled', lines)}")
+        written = write_section('autoencoder', 'Encode and decode: full, light and tiled',
+                                lines, per_machine=True)
+        print(f"wrote {written}")
 
 
 if __name__ == "__main__":

@@ -141,7 +141,9 @@ def main() -> None:
                       f"{fmt_s(comp['eager_s'])} eager = {comp['speedup']:.2f}x."]
     print("\n".join(lines))
     if not args.no_write:
-        print(f"wrote {write_section('unet', 'U-Net step (paper size) and cost growth with volume size', lines)}")
+        written = write_section('unet', 'U-Net step (paper size) and cost growth with volume size',
+                                lines, per_machine=True)
+        print(f"wrote {written}")
 
 
 if __name__ == "__main__":

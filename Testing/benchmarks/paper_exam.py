@@ -104,7 +104,9 @@ def main() -> None:
     ]
     print("\n".join(lines))
     if args.write:
-        print(f"wrote {write_section('paper_exam', 'Whole paper-size exam: fastest defaults vs the paper', lines)}")
+        written = write_section('paper_exam', 'Whole paper-size exam: fastest defaults vs the paper',
+                                lines, per_machine=True)
+        print(f"wrote {written}")
     cpu = f"{machine['cpu']}, {machine['capability']}"
     print(json.dumps({"fast_s": round(exam_s(FAST), 1), "paper_s": round(exam_s(PAPER), 1), "cpu": cpu,
                       "precision": precision, "fast_settings": FAST, "paper_settings": PAPER, "projected": True,
