@@ -66,13 +66,16 @@ def assert_matches_one_process(run: Path, trained: Path) -> None:
     assert one["state"].keys() == two["state"].keys()
     for k, values in one["state"].items():
         for name, value in values.items():
-            _close(two["state"][k][name], value)
+            # AVX2 sum order: 1.2% on a 16-entry tensor on an Intel Xeon (AVX2 forced); summed instead of averaged
+            # gradients give 100% (exp_avg) and 300% (exp_avg_sq), so 5% still tells them apart.
+            _close(two["state"][k][name], value, tol=5e-2)
     weights_one, weights_two = load_file(str(trained / "ldm.safetensors")), load_file(str(run / "model" /
                                                                                          "ldm.safetensors"))
     for key, value in weights_one.items():
         # whole-tensor error: Adam divides by sqrt(v), so entries with near-zero gradients carry the sum-order noise
-        # into the weights (AVX2: up to 1.3e-3 after 6 steps; AVX-512: below 1e-5)
-        _close(weights_two[key], value, tol=1e-2)
+        # into the weights (AVX2: up to 1.2e-2 on a 16-entry tensor after 6 steps on an Intel Xeon, 1.3e-3 on an AMD
+        # EPYC; AVX-512: below 1e-5). Summed gradients are caught above by the per-step gradient norms (2x).
+        _close(weights_two[key], value, tol=5e-2)
 
 
 def test_two_gloo_processes_match_one_process_through_a_rank_death(data, trained, tmp_path):
