@@ -33,7 +33,12 @@ __all__ = [
     "SequenceAutoencoder",
     "LatentStats",
     "load_autoencoder_dir",
+    "ENCODER_PARTS",
 ]
+
+#: Parameter-name prefixes of the parts that make the latents (encoder and latent heads): frozen by
+#: ``train_autoencoder.train_encoder: false`` and checked by ``ccella replace-decoder``.
+ENCODER_PARTS = ("encoder.", "quant_conv_mu.", "quant_conv_log_sigma.")
 
 
 @dataclass(frozen=True)

@@ -23,12 +23,9 @@ import torch
 
 from ..errors import CCELLAError
 
-__all__ = ["add_arguments", "run", "replace_decoder", "ENCODER_PARTS"]
+__all__ = ["add_arguments", "run", "replace_decoder"]
 
 logger = logging.getLogger("CCELLACore")
-
-#: The parameters that make the latents: they must not differ between the old and the new autoencoder.
-ENCODER_PARTS = ("encoder.", "quant_conv_mu.", "quant_conv_log_sigma.")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -49,7 +46,7 @@ def replace_decoder(model_dir: str | Path, autoencoder_dir: str | Path) -> dict:
             encoder weight differs (the message names the first differing tensor).
     """
     from ..fileio import atomic_write_json, read_json
-    from .autoencoder import load_autoencoder_dir
+    from .autoencoder import ENCODER_PARTS, load_autoencoder_dir
     from .serialization import add_component, component_hash
 
     model_dir, autoencoder_dir = Path(model_dir), Path(autoencoder_dir)

@@ -208,7 +208,7 @@ def train_autoencoder(
     from monai.losses import PatchAdversarialLoss, SSIMLoss
     from tqdm.auto import tqdm
 
-    from ..models.autoencoder import build_autoencoder
+    from ..models.autoencoder import ENCODER_PARTS, build_autoencoder
 
     cfg: AutoencoderTrainingConfig = config.train_autoencoder
     if not cfg.train_encoder and config.autoencoder.weights_path is None:
@@ -258,8 +258,9 @@ def train_autoencoder(
         logger.info("fine-tuning from %s", Path(ae_cfg.weights_path).name)
     model.train()
     if not cfg.train_encoder:
-        for part in (model.encoder, model.quant_conv_mu, model.quant_conv_log_sigma):
-            part.requires_grad_(False)
+        for name, parameter in model.named_parameters():
+            if name.startswith(ENCODER_PARTS):
+                parameter.requires_grad_(False)
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
     models: dict[str, nn.Module] = {"autoencoder": model}

@@ -240,7 +240,8 @@ def write_section(name: str, title: str, lines: list[str], path: Path = BENCHMAR
     from CCELLACore.fileio import atomic_write_text
 
     if per_machine:
-        name, title = f"{name}@{machine_kind()}", f"{title} ({machine_kind()} CPU)"
+        kind = machine_kind()
+        name, title = f"{name}@{kind}", f"{title} ({kind} CPU)"
 
     begin, end = f"<!-- bench:{name}:begin -->", f"<!-- bench:{name}:end -->"
     body = "\n".join([begin, f"## {title}", "", *lines, end])
