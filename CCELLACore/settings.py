@@ -33,8 +33,7 @@ from .models.losses import LossConfig
 from .models.text_encoder import TextEncoderConfig
 from .sampling.config import SamplingConfig
 from .sampling.objectives import NoiseScheduleConfig
-from .training.autoencoder import AutoencoderTrainingConfig
-from .training.ldm import LDMTrainingConfig
+from .training.configs import AutoencoderTrainingConfig, LDMTrainingConfig
 
 __all__ = ["CCELLAConfig", "PreprocessSection", "load_config", "PREPROCESS_TARGETS"]
 

@@ -27,7 +27,7 @@ import math
 import os
 import shutil
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -257,18 +257,23 @@ def save_model_dir(
     return directory
 
 
-def add_component(directory: str | Path, name: str, module: nn.Module, record: Mapping[str, Any] | None = None) -> None:
+def add_component(directory: str | Path, name: str, module: nn.Module, record: Mapping[str, Any] | None = None,
+                  extra: Callable[[str], Mapping[str, Any]] | None = None) -> None:
     """Add (or replace) component ``name`` of an existing model directory: ``<name>.safetensors`` is written first,
-    then ``model.json`` with the component listed, ``model_hash`` recomputed and ``record`` stored under ``name``
-    (each file atomically, so a crash leaves the old model.json naming only complete files)."""
+    then ``model.json`` with the component listed, ``model_hash`` recomputed, ``record`` stored under ``name`` and
+    ``extra(hash of the new weights file)`` merged into ``extra`` (each file atomically and model.json once, so a
+    crash leaves the old model.json naming only complete files, never a half-updated one)."""
     directory = Path(directory)
     meta_path = _inside(directory, "model.json", "model.json")
     metadata = read_json(meta_path)
     components = {**metadata["components"], name: f"{name}.safetensors"}
-    with atomic_path(_inside(directory, components[name], f"model.json: components.{name}"), ".safetensors") as tmp:
+    weights = _inside(directory, components[name], f"model.json: components.{name}")
+    with atomic_path(weights, ".safetensors") as tmp:
         _write_safetensors(module, tmp, name)
     files = [_inside(directory, f, f"model.json: components.{n}") for n, f in components.items()]
     metadata.update(components=components, model_hash=_hash_files(files), **({name: dict(record)} if record else {}))
+    if extra is not None:
+        metadata["extra"] = {**metadata.get("extra", {}), **extra(_hash_files([weights]))}
     atomic_write_json(meta_path, metadata)
 
 

@@ -16,8 +16,8 @@ from ..data.study import read_case_volume
 from ..errors import ConfigError, DataError
 from .distributed import DistributedContext
 
-if TYPE_CHECKING:  # autoencoder imports this module
-    from .autoencoder import AutoencoderTrainingConfig
+if TYPE_CHECKING:
+    from .configs import AutoencoderTrainingConfig
 
 __all__ = ["SequenceSamples", "load_sequence_samples", "sample_batch", "gather_crops", "check_geometry"]
 

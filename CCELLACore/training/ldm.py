@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -33,6 +33,7 @@ from ..models.autoencoder import SequenceAutoencoder
 from ..models.ldm import CCELLALDM, condition_dropout
 from ..models.losses import ccella_loss
 from ..sampling.objectives import TrainingObjective
+from .configs import LDMTrainingConfig
 from .checkpoint import TrainingState, config_hash, find_checkpoint, load_checkpoint, save_checkpoint
 from .distributed import DistributedContext, init_distributed, run_record
 from .ema import EMA
@@ -44,57 +45,6 @@ from .schedule import polynomial_lr, set_lr
 __all__ = ["LDMTrainingConfig", "train_ldm", "latent_batch"]
 
 logger = logging.getLogger("CCELLACore")
-
-
-@dataclass(frozen=True)
-class LDMTrainingConfig:
-    """Optimisation settings of the diffusion model; defaults are the paper's.
-
-    Attributes:
-        batch_size: exams per process and step (paper: 8 per GPU; the global batch is 8 x world size).
-        epochs: passes over the training exams (paper: 800 for CCELLA++); the step count is
-            ``epochs * ceil(N / global batch)``, used by the LR schedule.
-        max_steps: when > 0, train exactly this many optimiser steps instead (demo and tests).
-        lr / weight_decay: AdamW (paper 1e-4, torch default 0.01).
-        lr_power: polynomial decay power over the real step count (paper 2).
-        warmup_steps: linear learning-rate warm-up over the first steps (paper 0).
-        grad_clip: max gradient norm (paper 1.0).
-        ema_decay: EMA of the weights used for sampling (the reference has none).
-        condition_dropout: probability of training an exam with the null report, which classifier-free guidance
-            needs (paper: 0, the reference has none, so its models cannot use guidance; the demo uses 0.1).
-        train_splits: manifest splits trained on (paper: train + val, "trained to completion").
-        val_split: split for the validation loss ("" = none, as in the paper).
-        log_every / validate_every / checkpoint_every: in optimiser steps.
-        seed: seed of the initial weights, the data order and the noise (the same on every rank).
-    """
-
-    batch_size: int = 8
-    epochs: int = 800
-    max_steps: int = 0
-    lr: float = 1e-4
-    weight_decay: float = 0.01
-    lr_power: float = 2.0
-    warmup_steps: int = 0
-    grad_clip: float = 1.0
-    ema_decay: float = 0.999
-    condition_dropout: float = 0.0
-    train_splits: tuple[str, ...] = ("train", "val")
-    val_split: str = ""
-    log_every: int = 10
-    validate_every: int = 500
-    checkpoint_every: int = 500
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        for name in ("batch_size", "epochs", "log_every", "validate_every", "checkpoint_every"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.max_steps < 0 or self.lr <= 0 or self.warmup_steps < 0:
-            raise ValueError("max_steps and warmup_steps must be >= 0 and lr > 0")
-        if not 0.0 <= self.condition_dropout < 1.0:
-            raise ValueError(f"condition_dropout must be in [0, 1), got {self.condition_dropout}")
-        if self.val_split and self.val_split in self.train_splits:
-            raise ValueError(f"val_split '{self.val_split}' is also a training split")
 
 
 def _epoch_order(n: int, epoch: int, seed: int) -> torch.Tensor:
