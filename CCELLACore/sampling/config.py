@@ -20,8 +20,9 @@ class SamplingConfig:
         guidance: classifier-free guidance scale (1 = none).
         guidance_interval: ``[low, high]`` noise levels t / T (1 = pure noise) at which guidance applies; outside
             it each step uses the conditional prediction alone (and costs one pass instead of two). Measured on the
-            demo: guidance matters at high noise, where the lesion is laid out (docs/design.md, "Guidance and side
-            contrast").
+            demo: guidance at the very highest noise levels lays out spurious structures (the demo samples with
+            ``[0, 0.85]``), while guidance just below them decides where the lesion goes (docs/design.md, "Guidance
+            interval").
         side_contrast: for models with a side map (``ldm.unet.side_map``): the null half of guidance gets the
             report's side mirrored (left <-> right) instead of the null report's, so guidance also pushes the lesion
             away from the other side (docs/design.md, "Guidance and side contrast"). No extra model pass.
