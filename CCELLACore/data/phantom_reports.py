@@ -17,10 +17,14 @@ import numpy as np
 
 from .phantom_truth import CaseTruth, ConfounderTruth, LesionTruth
 
-__all__ = ["write_report", "EMPTY_REPORT_PROBABILITY", "score_phrase", "sector_phrase"]
+__all__ = ["write_report", "EMPTY_REPORT_PROBABILITY", "BRIEF_REPORT_PROBABILITY", "score_phrase", "sector_phrase"]
 
 #: Fraction of cases without a report (they train the unconditional branch).
 EMPTY_REPORT_PROBABILITY = 0.1
+#: Fraction of the other reports written briefly, as people type them: the lesion (or no-lesion) sentences and the
+#: impression only, no indication, technique or gland volume ("Lt TZ anterior 12mm lesion, low T2, bright on DWI.
+#: PI-RADS 4."). Without them a model met only long templated reports and misread short hand-written ones.
+BRIEF_REPORT_PROBABILITY = 0.25
 
 _ZONE_WORDS = {"PZ": ("peripheral zone", "PZ"), "TZ": ("transition zone", "TZ")}
 _LEVEL_WORDS = {"base": ("base", "basal", "base"), "mid": ("mid gland", "midgland", "mid"), "apex": ("apex", "apical", "apex")}
@@ -50,6 +54,10 @@ def score_phrase(score: int, rng: np.random.Generator) -> str:
             f"v2.1 score {score}",
             f"PI-RADS: {score}",
             f"PI-RADS {score} of 5",
+            f"PI RADS {score}",
+            f"PI-RADS={score}",
+            f"PI-RADS score: {score}",
+            f"PIRADS {score}",
         ),
     )
 
@@ -59,7 +67,8 @@ def sector_phrase(side: str, level: str, zone: str, sector: str, rng: np.random.
     level_word = _pick(rng, _LEVEL_WORDS[level])
     zone_long, zone_short = _ZONE_WORDS[zone]
     side_short = "L" if side == "left" else "R"
-    style = int(rng.integers(5))
+    side_abbr = _pick(rng, ("Lt", "Lt.", "left-sided")) if side == "left" else _pick(rng, ("Rt", "Rt.", "right-sided"))
+    style = int(rng.integers(8))
     if style == 0:
         return f"{side} {level_word} {zone_long}"
     if style == 1:
@@ -68,7 +77,13 @@ def sector_phrase(side: str, level: str, zone: str, sector: str, rng: np.random.
         return f"{side_short} {level} {sector}"
     if style == 3:
         return f"{_SECTOR_WORDS[sector]} {zone_long}, {side} {_LEVEL_WORDS[level][0]}"
-    return f"{zone_short} ({side}, {level_word})"
+    if style == 4:
+        return f"{zone_short} ({side}, {level_word})"
+    if style == 5:  # as people type it: "Lt TZ anterior"
+        return f"{side_abbr} {zone_short} {_SECTOR_WORDS[sector]}"
+    if style == 6:
+        return f"{side} {_SECTOR_WORDS[sector]} {zone_long} at the {level_word}"
+    return f"{level_word} {zone_short}, {side_abbr}"
 
 
 def _size_phrase(lesion: LesionTruth, rng: np.random.Generator) -> str:
@@ -82,6 +97,9 @@ def _size_phrase(lesion: LesionTruth, rng: np.random.Generator) -> str:
             f"{d}×{s} mm",
             f"{d / 10:.1f} × {s / 10:.1f} cm",
             f"measuring {d} mm",
+            f"{d}mm",
+            f"{d / 10:.1f}cm",
+            f"approx. {d} mm",
         ),
     )
 
@@ -92,9 +110,10 @@ def _lesion_sentence(truth: CaseTruth, lesion: LesionTruth, rng: np.random.Gener
     b = truth.b_value
     adc = int(round(lesion.adc / 10.0) * 10)
     t2_desc = (
-        _pick(rng, ("lenticular T2 hypointense", "ill-defined homogeneous T2 dark", "erased-charcoal T2 hypointense"))
+        _pick(rng, ("lenticular T2 hypointense", "ill-defined homogeneous T2 dark", "erased-charcoal T2 hypointense",
+                    "low T2 signal", "T2 hypointense", "low T2"))
         if lesion.zone == "TZ"
-        else _pick(rng, ("focal T2 hypointense", "round T2 dark", "focal low T2 signal"))
+        else _pick(rng, ("focal T2 hypointense", "round T2 dark", "focal low T2 signal", "low T2 signal", "low T2"))
     )
     dwi = _pick(
         rng,
@@ -104,10 +123,16 @@ def _lesion_sentence(truth: CaseTruth, lesion: LesionTruth, rng: np.random.Gener
             f"with marked restriction (ADC ~{adc} µm²/s)",
             f"hyperintense on high b-value (b{b}) DWI, hypointense on ADC ({adc} ×10^-6 mm²/s)",
             "showing restricted diffusion, dark on the ADC map",
+            "bright on DWI",
+            "DWI bright, ADC dark",
+            "restricts on DWI/ADC",
+            f"high signal on b{b}, low ADC",
+            "marked diffusion restriction",
         ),
     )
     if lesion.pirads == 3:
-        dwi = _pick(rng, ("with mild/moderate restricted diffusion", f"mildly bright on b{b}, moderately dark on ADC ({adc} µm²/s)", "with focal mild-to-moderate restriction"))
+        dwi = _pick(rng, ("with mild/moderate restricted diffusion", f"mildly bright on b{b}, moderately dark on ADC ({adc} µm²/s)",
+                          "with focal mild-to-moderate restriction", "mildly bright on DWI", "mild restriction on ADC"))
     score = score_phrase(lesion.pirads, rng)
     label = _pick(rng, (f"Lesion {lesion.index}", "Index lesion" if lesion.index == 1 else f"Lesion {lesion.index}", f"#{lesion.index}"))
     epe = ""
@@ -115,13 +140,17 @@ def _lesion_sentence(truth: CaseTruth, lesion: LesionTruth, rng: np.random.Gener
         epe = " " + _pick(rng, ("Definite extraprostatic extension (EPE).", "Capsular bulge with EPE.", "Broad capsular contact with extraprostatic extension."))
     elif rng.random() < 0.5:
         epe = " " + _pick(rng, ("No EPE.", "No extraprostatic extension.", "Capsule intact."))
-    form = int(rng.integers(3))
+    form = int(rng.integers(5))
     if form == 0:
         text = f"{label}: {size} {t2_desc} lesion in the {where}, {dwi}. {score}."
     elif form == 1:
         text = f"{label}: {where}. {t2_desc[0].upper() + t2_desc[1:]} focus, {size}, {dwi}. Assessment: {score}."
-    else:
+    elif form == 2:
         text = f"{score[0].upper() + score[1:]} lesion in the {where} ({size}), {t2_desc}, {dwi}."
+    elif form == 3:  # unlabelled, as in short reports
+        text = f"{size} lesion in the {where}, {t2_desc}, {dwi}. {score}."
+    else:
+        text = f"{where[0].upper() + where[1:]} {size} lesion, {t2_desc}, {dwi}. {score}."
     return text + epe
 
 
@@ -209,7 +238,7 @@ def write_report(truth: CaseTruth | dict[str, Any], rng: np.random.Generator) ->
     else:
         findings.append(_pick(rng, ("TZ: unremarkable, few small nodules.", "Transition zone of normal size.", "Normal transition zone.")))
     if not truth.lesions:
-        findings.append(
+        focal = [
             _pick(
                 rng,
                 (
@@ -217,15 +246,18 @@ def write_report(truth: CaseTruth | dict[str, Any], rng: np.random.Generator) ->
                     "No focal area of restricted diffusion." if truth.confounders else "PZ: homogeneous high T2 signal, no focal area of restricted diffusion.",
                     "No suspicious focal lesion in the peripheral or transition zone.",
                     "No focal abnormality; no restricted diffusion on DWI/ADC.",
+                    "No suspicious lesion (nothing PI-RADS 3 or above).",
+                    "No focal lesion seen.",
                 ),
             )
-        )
+        ]
     else:
-        findings.append(_pick(rng, (f"{len(truth.lesions)} suspicious lesion(s):", "Focal lesions:", "")).strip())
-        findings.extend(_lesion_sentence(truth, lesion, rng) for lesion in truth.lesions)
+        focal = [_pick(rng, (f"{len(truth.lesions)} suspicious lesion(s):", "Focal lesions:", "")).strip()]
+        focal.extend(_lesion_sentence(truth, lesion, rng) for lesion in truth.lesions)
         if rng.random() < 0.5:
-            findings.append(_pick(rng, ("No other suspicious lesion.", "Remainder of the PZ unremarkable.")))
-    findings.extend(_confounder_sentence(conf, rng) for conf in truth.confounders)
+            focal.append(_pick(rng, ("No other suspicious lesion.", "Remainder of the PZ unremarkable.")))
+    focal.extend(_confounder_sentence(conf, rng) for conf in truth.confounders)
+    findings.extend(focal)
     extra = [
         _pick(rng, ("Seminal vesicles unremarkable.", "No SVI.", "No seminal vesicle invasion.")),
         _pick(rng, ("No suspicious lymph nodes.", "No pelvic lymphadenopathy.")),
@@ -253,6 +285,8 @@ def write_report(truth: CaseTruth | dict[str, Any], rng: np.random.Generator) ->
         rec = _pick(rng, ("PSA follow-up.", "No biopsy indicated; clinical follow-up.", "Routine surveillance."))
     impression = _pick(rng, ("IMPRESSION:", "Impression:", "Conclusion:", "Overall:")) + f" {summary} {rec}"
 
+    if rng.random() < BRIEF_REPORT_PROBABILITY:
+        return _brief_report([f for f in focal[1:] if f] if truth.lesions else focal, impression, rng)
     sections = [indication, technique, findings_text, impression]
     order = int(rng.integers(4))
     if order == 1:
@@ -262,3 +296,8 @@ def write_report(truth: CaseTruth | dict[str, Any], rng: np.random.Generator) ->
     elif order == 3:
         sections = [indication, findings_text, impression]  # technique omitted
     return _pick(rng, ("\n", "\n\n", " ")).join(sections)
+
+
+def _brief_report(focal: list[str], impression: str, rng: np.random.Generator) -> str:
+    """The lesion (or no-lesion) and confounder sentences and the impression, nothing else."""
+    return (_pick(rng, ("Findings: ", "", "MRI prostate: ")) + " ".join(focal) + _pick(rng, ("\n", " ")) + impression)
