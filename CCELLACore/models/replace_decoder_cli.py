@@ -45,7 +45,6 @@ def replace_decoder(model_dir: str | Path, autoencoder_dir: str | Path) -> dict:
         CCELLAError: either folder missing or unreadable, the architectures, grids or sequences differ, or any
             encoder weight differs (the message names the first differing tensor).
     """
-    from ..fileio import read_json
     from .autoencoder import ENCODER_PARTS, load_autoencoder_dir
     from .serialization import add_component, component_hash
 
@@ -65,11 +64,10 @@ def replace_decoder(model_dir: str | Path, autoencoder_dir: str | Path) -> dict:
                               "not the ones the diffusion model learnt; fine-tune with train_encoder: false")
     before = component_hash(model_dir, "autoencoder")
     trained = new_meta.get("extra", {})
-    add_component(model_dir, "autoencoder", new, extra=lambda new_hash: {
+    meta = add_component(model_dir, "autoencoder", new, extra=lambda new_hash: {
         "autoencoder_hash": new_hash,
         "decoder_fine_tuned": {"replaced_autoencoder_hash": before, "steps": trained.get("steps"),
                                "initialised_from": trained.get("initialised_from")}})
-    meta = read_json(model_dir / "model.json")
     logger.info("%s: autoencoder %s... replaced by the fine-tuned one from %s (encoder unchanged); model_hash %s...",
                 model_dir, before[:12], autoencoder_dir, meta["model_hash"][:12])
     return meta

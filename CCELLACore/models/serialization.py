@@ -258,11 +258,12 @@ def save_model_dir(
 
 
 def add_component(directory: str | Path, name: str, module: nn.Module, record: Mapping[str, Any] | None = None,
-                  extra: Callable[[str], Mapping[str, Any]] | None = None) -> None:
+                  extra: Callable[[str], Mapping[str, Any]] | None = None) -> dict[str, Any]:
     """Add (or replace) component ``name`` of an existing model directory: ``<name>.safetensors`` is written first,
     then ``model.json`` with the component listed, ``model_hash`` recomputed, ``record`` stored under ``name`` and
     ``extra(hash of the new weights file)`` merged into ``extra`` (each file atomically and model.json once, so a
-    crash leaves the old model.json naming only complete files, never a half-updated one)."""
+    crash leaves the old model.json naming only complete files, never a half-updated one). Returns the new
+    model.json metadata."""
     directory = Path(directory)
     meta_path = _inside(directory, "model.json", "model.json")
     metadata = read_json(meta_path)
@@ -275,6 +276,7 @@ def add_component(directory: str | Path, name: str, module: nn.Module, record: M
     if extra is not None:
         metadata["extra"] = {**metadata.get("extra", {}), **extra(_hash_files([weights]))}
     atomic_write_json(meta_path, metadata)
+    return metadata
 
 
 def read_model_config(directory: str | Path) -> dict[str, Any]:

@@ -7,17 +7,14 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from ..data.study import read_case_volume
 from ..errors import ConfigError, DataError
+from .configs import AutoencoderTrainingConfig
 from .distributed import DistributedContext
-
-if TYPE_CHECKING:
-    from .configs import AutoencoderTrainingConfig
 
 __all__ = ["SequenceSamples", "load_sequence_samples", "sample_batch", "gather_crops", "check_geometry"]
 
