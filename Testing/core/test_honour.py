@@ -6,6 +6,9 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -33,6 +36,7 @@ from CCELLACore.metrics.honour import (
 )
 from CCELLACore.models.serialization import model_hash
 from CCELLACore.settings import load_config
+from test_reliability_crash import ENV, wait_until
 
 TINY_PHANTOM = ["--phantom-size", "32", "32", "16", "--phantom-spacing", "4", "4", "4"]
 
@@ -129,23 +133,43 @@ def test_honour_script_on_a_tiny_model(tiny_model, tmp_path, caplog):
     assert markdown.strip() in card
     assert model_hash(tiny_model) == hash_before
 
-    # Killed while judging the third exam: the journal holds its key, 2 records and half a line. The same command
-    # generates only exams 3 and 4 and writes the same figures; the journal holds no report text either.
+    # SIGKILLed (a subprocess) once the journal holds its key and 2 records: the same command generates only the
+    # exams after the last whole record and writes the same figures; the journal holds no report text either.
     journal = out / "generated.jsonl"
     lines = journal.read_text(encoding="utf-8").splitlines(keepends=True)
     assert len(lines) == 5
     for case in cases:
         text = " ".join(case.report.split())
         assert all(text[i : i + 30] not in "".join(lines) for i in range(0, max(len(text) - 30, 1), 15))
-    journal.write_text("".join(lines[:3]) + lines[3][: len(lines[3]) // 2], encoding="utf-8")
-    (out / "honour.json").unlink()
+    killed = tmp_path / "killed"
+    argv_killed = [str(killed) if a == str(out) else a for a in argv if a != "--update-card"]
+    process = subprocess.Popen([sys.executable, "-m", "CCELLACore.cli", "honour", *argv_killed], env=ENV,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        wait_until(process, lambda: _whole_lines(killed / "generated.jsonl") >= 3, "2 judged exams", interval=0.002)
+        process.send_signal(signal.SIGKILL)
+    finally:
+        process.kill()
+        process.communicate(timeout=60)
+    assert process.returncode == -signal.SIGKILL, process.returncode
+    assert not (killed / "honour.json").exists()
+    kept = _whole_lines(killed / "generated.jsonl") - 1
+    assert 2 <= kept < 4, kept  # killed while exams were being generated
     caplog.clear()
     with caplog.at_level("INFO", logger="CCELLACore"):
-        assert _run_cli([a for a in argv if a != "--update-card"]) == 0
-    assert f"resumed 2 of 4 generated exams from {journal}" in caplog.text
-    again = json.loads((out / "honour.json").read_text(encoding="utf-8"))
+        assert _run_cli(argv_killed) == 0
+    assert f"resumed {kept} of 4 generated exams from {killed / 'generated.jsonl'}" in caplog.text
+    again = json.loads((killed / "honour.json").read_text(encoding="utf-8"))
     assert again["records"] == records and again["summary"] == summary and again["handwritten"] == hw
-    assert journal.read_text(encoding="utf-8").splitlines(keepends=True) == lines
+    assert (killed / "generated.jsonl").read_text(encoding="utf-8").splitlines(keepends=True) == lines
+
+
+def _whole_lines(path: Path) -> int:
+    """Lines of a journal that end in a newline (a SIGKILL may leave half of the last one)."""
+    try:
+        return path.read_bytes().count(b"\n")
+    except OSError:
+        return 0
 
 
 def test_model_card_update_replaces_appends_and_refuses_broken_markers(tiny_model):
