@@ -147,6 +147,7 @@ def evaluate_honour(pipe: Any, settings: HonourSettings = HonourSettings(), *, p
     journal = None
     if journal_path is not None:
         journal = Journal(journal_path, key={"model_hash": pipe.model_hash, "settings": asdict(settings),
+                                             "decoder": pipe.autoencoder.decoder_name,
                                              "detector": asdict(thresholds)})
     atlas, references = grid_reference(config, settings, progress=progress)
     if not atlas.any():
@@ -207,7 +208,8 @@ def evaluate_honour(pipe: Any, settings: HonourSettings = HonourSettings(), *, p
     spacing = tuple(float(s) for s in config.grid.spacing)
     return {
         "settings": {
-            "model_hash": pipe.model_hash, "steps": settings.steps, "sampler": sampler_used, "guidance": settings.guidance,
+            "model_hash": pipe.model_hash, "decoder": pipe.autoencoder.decoder_name,
+            "steps": settings.steps, "sampler": sampler_used, "guidance": settings.guidance,
             **extras,  # the model's other sampling defaults, as the pipeline applied them
             "n": settings.n, "seed": settings.seed, "case_indices": [c.index for c in cases],
             "generation_seeds": f"0..{settings.n - 1}", "atlas_seed": settings.atlas_seed,

@@ -122,6 +122,7 @@ def honour_markdown(result: dict[str, Any]) -> str:
         "|---|---|",
         f"| Model hash (SHA-256 of weights) | `{s['model_hash']}` |",
         f"| Sampler, steps, guidance | {s['sampler']}, {s['steps']}, {s['guidance']:g} |",
+        f"| Decoder (generated exams and the autoencoder ceiling) | {s.get('decoder', 'full')} |",
         *(["| Other sampling settings (the model's) | "
            + ", ".join(f"{key.replace('_', ' ')} {s[key]}" for key in SAMPLING_EXTRAS if key in s) + " |"]
           if any(key in s for key in SAMPLING_EXTRAS) else []),
@@ -140,7 +141,7 @@ def honour_markdown(result: dict[str, Any]) -> str:
         f"--n {s['n']} --seed {s['seed']} --atlas-seed {s['atlas_seed']} --atlas-n {s['atlas_n']} "
         f"--validation-seed {s['validation_seed']} "
         f"--steps {s['steps']} --sampler {s['sampler']} --guidance {s['guidance']:g}{phantom_args} "
-        f"--handwritten-seeds {s.get('handwritten_seeds', 0)} --out OUT`.",
+        f"--handwritten-seeds {s.get('handwritten_seeds', 0)} --decoder {s.get('decoder', 'full')} --out OUT`.",
     ]
     return "\n".join(lines) + "\n"
 

@@ -50,6 +50,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="seeds per hand-written report (10 reports outside the phantom templates; 0 = skip; "
                              "default 3)")
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    parser.add_argument("--decoder", choices=("auto", "full", "light"), default="auto",
+                        help="full: the autoencoder's decoder; light: the distilled one (ccella distill-decoder); "
+                        "auto: light only where the model folder records that it met the quality bar. It decodes "
+                        "the generated exams and the autoencoder ceiling (gate 2) alike")
     parser.add_argument("--update-card", action="store_true",
                         help="also write the section into the model directory's README.md (weights are untouched)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -66,7 +70,7 @@ def run(args: argparse.Namespace) -> int:
         phantom_spacing=tuple(args.phantom_spacing) if args.phantom_spacing else None,
         handwritten_seeds=args.handwritten_seeds,
     )
-    pipe = CCELLAPipeline.from_pretrained(args.model, device=args.device)
+    pipe = CCELLAPipeline.from_pretrained(args.model, device=args.device, decoder=args.decoder)
     result = evaluate_honour(pipe, settings, progress=not args.no_progress,
                              journal_path=args.out / "generated.jsonl")
     json_path, md_path = write_honour(result, args.out)

@@ -57,6 +57,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--keep-report", action="store_true",
                         help="copy report text into the outputs (default: hashes only)")
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    parser.add_argument("--decoder", choices=("auto", "full", "light"), default="auto",
+                        help="full: the autoencoder's decoder; light: the distilled one (ccella distill-decoder); "
+                        "auto: light only where the model folder records that it met the quality bar")
     parser.add_argument("--no-progress", action="store_true")
     parser.add_argument("--audit", action="store_true", help="then run the memorisation audit of `ccella evaluate` "
                         "on the written exams against the manifest's training exams (<out>/audit.json)")
@@ -87,7 +90,7 @@ def run(args: argparse.Namespace) -> int:
     studies = [s for s in manifest.studies if args.splits is None or s.split in args.splits]
     summary = BatchSummary("synthesize")
     summary.extend(manifest.problems)
-    pipe = CCELLAPipeline.from_pretrained(args.model, device=ctx.device)
+    pipe = CCELLAPipeline.from_pretrained(args.model, device=ctx.device, decoder=args.decoder)
     mine = list(enumerate(studies))[ctx.rank :: ctx.world_size]
     for k, study in tqdm(mine, desc="synthesize", unit="exam", disable=args.no_progress or not ctx.is_main):
         case_dir = args.out / "cases" / synthetic_id(study.case_id)
@@ -118,7 +121,7 @@ def run(args: argparse.Namespace) -> int:
                 merged.append(_synthetic_study(study, case_dir, read_json(case_dir / DONE_FILE), args.keep_report))
         write_manifest(merged, args.out / "manifest.csv")
         summary.details.update({"n_synthetic": len(merged), "world_size": ctx.world_size,
-                                "model_hash": pipe.model_hash})
+                                "model_hash": pipe.model_hash, "decoder": pipe.autoencoder.decoder_name})
         summary.write(args.out / "synthesize_summary.json")
         print(f"{args.out / 'manifest.csv'}: {len(merged)} synthetic exams; {summary}")
         if args.audit:

@@ -120,7 +120,7 @@ def test_honour_script_on_a_tiny_model(tiny_model, tmp_path, caplog):
     assert [r["group"] for r in hw["records"]] == [h.group for h in HANDWRITTEN_REPORTS]
     assert hw["summary"]["pirads_4_5"]["lesion_found"]["n"] == 6 and hw["summary"]["pirads_1_2"]["lesion_found"]["n"] == 4
     assert f"| Lesion found, PI-RADS >= 4 reports | {hw['summary']['pirads_4_5']['lesion_found']['count']}" in markdown
-    assert "--handwritten-seeds 1 --out OUT" in markdown
+    assert "--handwritten-seeds 1 --decoder full --out OUT" in markdown
     # No report text anywhere in the outputs (any 30-character piece of any report).
     outputs = (out / "honour.json").read_text(encoding="utf-8") + markdown
     for text in [case.report for case in cases] + [h.text for h in HANDWRITTEN_REPORTS]:

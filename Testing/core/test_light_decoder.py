@@ -120,3 +120,30 @@ def test_tiled_decoding():
     assert 0 < (large - whole).abs().mean() < (small - whole).abs().mean()
     with pytest.raises(CCELLAError, match="overlap"):
         DecodeTiling((8, 8, 8), overlap=1.0)
+
+
+def test_synthesize_and_honour_decode_with_the_chosen_decoder(distilled, data, tmp_path):
+    """`--decoder` reaches bulk synthesis (each exam's sidecar, the summary) and `ccella honour` (generated exams and
+    the autoencoder ceiling alike; its figures, card line and journal key name it)."""
+    out = tmp_path / "synth"
+    assert main(["synthesize", "--manifest", str(data / "prep" / "manifest.csv"), "--model", str(distilled),
+                 "--out", str(out), "--splits", "val", "--steps", "1", "--decoder", "light", "--no-progress"]) == 0
+    summary = json.loads((out / "synthesize_summary.json").read_text(encoding="utf-8"))
+    sidecars = [json.loads(p.read_text(encoding="utf-8")) for p in out.rglob("generation.json")]
+    assert summary["decoder"] == "light" and sidecars and all(s["decoder"] == "light" for s in sidecars)
+
+    honour = ["honour", "--model", str(distilled), "--n", "2", "--atlas-n", "2", "--steps", "1", "--device", "cpu",
+              "--handwritten-seeds", "0", "--phantom-size", "32", "32", "16", "--phantom-spacing", "4", "4", "4",
+              "--no-progress"]
+    figures = {}
+    for decoder in ("full", "light"):
+        assert main([*honour, "--decoder", decoder, "--out", str(tmp_path / decoder)]) == 0
+        figures[decoder] = json.loads((tmp_path / decoder / "honour.json").read_text(encoding="utf-8"))
+        assert figures[decoder]["settings"]["decoder"] == decoder
+        card = (tmp_path / decoder / "honour.md").read_text(encoding="utf-8")
+        assert f"| Decoder (generated exams and the autoencoder ceiling) | {decoder} |" in card
+        assert f"--decoder {decoder} --out OUT" in card
+    # the same exams decoded twice: the class head is the same, the images (and so the anatomy r) are not
+    full, light = figures["full"]["records"], figures["light"]["records"]
+    assert [r["probability"] for r in full] == [r["probability"] for r in light]
+    assert [r["anatomy_r"] for r in full] != [r["anatomy_r"] for r in light]
