@@ -45,6 +45,13 @@ def positive_int(text: str) -> int:
     return value
 
 
+def add_decoder_argument(parser: argparse.ArgumentParser, note: str = "") -> None:
+    """``--decoder`` of the jobs that generate exams (generate, synthesize, honour): one choice, one help text."""
+    parser.add_argument("--decoder", choices=("auto", "full", "light"), default="auto",
+                        help="full: the autoencoder's decoder; light: the distilled one (ccella distill-decoder); "
+                        "auto: light only where the model folder records that it met the quality bar" + note)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="ccella",

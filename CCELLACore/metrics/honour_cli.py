@@ -13,7 +13,7 @@ import argparse
 import logging
 from pathlib import Path
 
-from ..cli import positive_int
+from ..cli import add_decoder_argument, positive_int
 
 from .honour import HonourSettings, evaluate_honour, honour_gates
 from .honour_card import honour_markdown, update_model_card, write_honour
@@ -50,10 +50,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="seeds per hand-written report (10 reports outside the phantom templates; 0 = skip; "
                              "default 3)")
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
-    parser.add_argument("--decoder", choices=("auto", "full", "light"), default="auto",
-                        help="full: the autoencoder's decoder; light: the distilled one (ccella distill-decoder); "
-                        "auto: light only where the model folder records that it met the quality bar. It decodes "
-                        "the generated exams and the autoencoder ceiling (gate 2) alike")
+    add_decoder_argument(parser, "; it decodes the generated exams and the autoencoder ceiling (gate 2) alike")
     parser.add_argument("--update-card", action="store_true",
                         help="also write the section into the model directory's README.md (weights are untouched)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")

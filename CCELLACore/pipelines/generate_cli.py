@@ -15,6 +15,7 @@ import logging
 import re
 from pathlib import Path
 
+from ..cli import add_decoder_argument
 from ..errors import CCELLAError
 from ..fileio import atomic_write_json, read_json
 from ..reports import ReportError, read_report_file
@@ -57,9 +58,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
     parser.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
                         help="auto: bf16 where the GPU or CPU has it natively, else fp32")
-    parser.add_argument("--decoder", choices=("auto", "full", "light"), default="auto",
-                        help="full: the autoencoder's decoder; light: the distilled one (ccella distill-decoder); "
-                        "auto: light only where the model folder records that it met the quality bar")
+    add_decoder_argument(parser)
     parser.add_argument("--decode-tile", type=int, nargs=3, metavar=("X", "Y", "Z"), default=None,
                         help="decode in tiles of this many LATENT voxels (e.g. 32 32 32) to cap memory "
                         "(a 256x256x128 volume fits 6 GiB with 32 32 32; docs/speed.md)")

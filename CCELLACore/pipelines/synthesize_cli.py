@@ -24,7 +24,7 @@ import hashlib
 import logging
 from pathlib import Path
 
-from ..cli import positive_int
+from ..cli import add_decoder_argument, positive_int
 from ..data.batch import BatchSummary
 from ..data.manifest import read_manifest, write_manifest
 from ..data.study import LabelSource, Study
@@ -57,9 +57,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--keep-report", action="store_true",
                         help="copy report text into the outputs (default: hashes only)")
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
-    parser.add_argument("--decoder", choices=("auto", "full", "light"), default="auto",
-                        help="full: the autoencoder's decoder; light: the distilled one (ccella distill-decoder); "
-                        "auto: light only where the model folder records that it met the quality bar")
+    add_decoder_argument(parser)
     parser.add_argument("--no-progress", action="store_true")
     parser.add_argument("--audit", action="store_true", help="then run the memorisation audit of `ccella evaluate` "
                         "on the written exams against the manifest's training exams (<out>/audit.json)")
