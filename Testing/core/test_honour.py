@@ -6,8 +6,6 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import signal
-import subprocess
 import sys
 from pathlib import Path
 
@@ -36,7 +34,7 @@ from CCELLACore.metrics.honour import (
 )
 from CCELLACore.models.serialization import model_hash
 from CCELLACore.settings import load_config
-from test_reliability_crash import ENV, wait_until
+from test_reliability_crash import start_and_sigkill, wait_until
 
 TINY_PHANTOM = ["--phantom-size", "32", "32", "16", "--phantom-spacing", "4", "4", "4"]
 
@@ -143,15 +141,8 @@ def test_honour_script_on_a_tiny_model(tiny_model, tmp_path, caplog):
         assert all(text[i : i + 30] not in "".join(lines) for i in range(0, max(len(text) - 30, 1), 15))
     killed = tmp_path / "killed"
     argv_killed = [str(killed) if a == str(out) else a for a in argv if a != "--update-card"]
-    process = subprocess.Popen([sys.executable, "-m", "CCELLACore.cli", "honour", *argv_killed], env=ENV,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    try:
-        wait_until(process, lambda: _whole_lines(killed / "generated.jsonl") >= 3, "2 judged exams", interval=0.002)
-        process.send_signal(signal.SIGKILL)
-    finally:
-        process.kill()
-        process.communicate(timeout=60)
-    assert process.returncode == -signal.SIGKILL, process.returncode
+    start_and_sigkill([sys.executable, "-m", "CCELLACore.cli", "honour", *argv_killed], lambda process: wait_until(
+        process, lambda: _whole_lines(killed / "generated.jsonl") >= 3, "2 judged exams", interval=0.002))
     assert not (killed / "honour.json").exists()
     kept = _whole_lines(killed / "generated.jsonl") - 1
     assert 2 <= kept < 4, kept  # killed while exams were being generated

@@ -71,6 +71,20 @@ def sigkill(process: subprocess.Popen) -> None:
     assert process.returncode == -signal.SIGKILL, process.returncode
 
 
+def start_and_sigkill(cmd: list[str], until: Callable[[subprocess.Popen], T]) -> T:
+    """Start ``cmd`` (this repository on its path), wait with ``until(process)`` for the moment to kill it, SIGKILL
+    it there and reap it; ``until``'s value. The process never outlives the call, even when the wait fails."""
+    process = subprocess.Popen(cmd, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        value = until(process)
+        process.send_signal(signal.SIGKILL)
+    finally:
+        process.kill()
+        process.communicate(timeout=60)
+    assert process.returncode == -signal.SIGKILL, process.returncode
+    return value
+
+
 def test_ldm_sigkill_between_checkpoints_resumes_to_the_uninterrupted_result(data, trained, tmp_path):
     """tiny: 6 steps, checkpoints at 3 and 6. Killed once step 4 is logged, the run restarts from step 3, redoes step
     4 and ends with the per-step losses, optimiser state and weights of the run that was never interrupted."""
@@ -78,14 +92,7 @@ def test_ldm_sigkill_between_checkpoints_resumes_to_the_uninterrupted_result(dat
     cmd = [sys.executable, "-m", "CCELLACore.cli", "train-ldm", "--config", "tiny", "--manifest",
            str(data / "prep" / "manifest.csv"), "--autoencoder", str(data / "ae"), "--out", str(run), "--device",
            "cpu", "--no-progress"]
-    process = subprocess.Popen(cmd, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    try:
-        logged = wait_for_step(process, run, 4)
-        process.send_signal(signal.SIGKILL)
-    finally:
-        process.kill()
-        process.communicate(timeout=60)
-    assert process.returncode == -signal.SIGKILL
+    logged = start_and_sigkill(cmd, lambda process: wait_for_step(process, run, 4))
     state = json.loads((run / "checkpoints" / "last" / "state.json").read_text(encoding="utf-8"))
     assert state["step"] == 3 < logged < 6, (state["step"], logged)  # killed between two checkpoints
     assert not (run / "model").exists()
