@@ -26,7 +26,7 @@ from ..models.ldm import CCELLALDM
 from ..models.light_decoder import DecodeTiling, SequenceCodec, choose_decoder, load_light_decoder
 from ..models.serialization import load_model_dir, read_model_config
 from ..models.text_encoder import TextEncoder
-from ..precision import autocast_context, choose_dtype, describe_device
+from ..precision import autocast_context, choose_dtype, describe_device, unet_memory_format
 from ..reports import ReportError, check_report, is_empty_report
 from ..sampling.config import DEFAULT_SAMPLER, check_guidance_interval, check_side_scale
 from ..sampling.guidance import guided_prediction
@@ -73,7 +73,8 @@ class CCELLAPipeline:
     def __init__(self, ldm, autoencoder, text_encoder, config, metadata: dict[str, Any], device: torch.device,
                  dtype: torch.dtype | None = None, *, light_decoder=None, decode_tiling: DecodeTiling | None = None):
         self.dtype = choose_dtype(device) if dtype is None else dtype
-        self.ldm = ldm.to(device).eval()
+        self.memory_format = unet_memory_format(device, self.dtype)
+        self.ldm = ldm.to(device, memory_format=self.memory_format).eval()
         self.autoencoder = SequenceCodec(autoencoder, device, self.dtype, light_decoder=light_decoder,
                                          tiling=decode_tiling)
         self.text_encoder = text_encoder
@@ -265,6 +266,7 @@ class CCELLAPipeline:
         adjust = side_transform if side_contrast or side_scale != 1.0 else None
 
         def model_fn(x_in, t_in, c):
+            x_in = x_in.contiguous(memory_format=self.memory_format)
             with autocast_context(self.device, self.dtype):
                 out = self.ldm(x_in, t_in, c["spacing"], c["text"], c["text_mask"], side_transform=adjust)
             return out.prediction.float(), out.class_probs.float()
@@ -284,6 +286,7 @@ class CCELLAPipeline:
             "guidance_interval": [low, high], "side_contrast": side_contrast, "side_scale": side_scale,
             "spacing": list(spacing), "unconditional": bool(unconditional), "model_hash": self.model_hash,
             "device": describe_device(self.device), "dtype": str(self.dtype).replace("torch.", ""),
+            "unet_memory_format": str(self.memory_format).replace("torch.", ""),
             "decoder": self.autoencoder.decoder_name,
             "decode_tile": list(self.autoencoder.tiling.roi) if self.autoencoder.tiling is not None else None,
         }

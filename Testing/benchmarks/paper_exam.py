@@ -64,12 +64,16 @@ def main() -> None:
     from bench_autoencoder import codec_run
     from bench_unet import build_step
 
-    from CCELLACore.precision import choose_dtype
+    import torch
+
+    from CCELLACore.precision import choose_dtype, unet_memory_format
 
     machine = describe_machine(args.threads)
-    precision = "bf16" if str(choose_dtype("cpu")) == "torch.bfloat16" else "fp32"
-    print(f"U-Net step at the paper size ({precision}) ...", flush=True)
-    _, step = build_step(PAPER_LATENT)
+    dtype = choose_dtype("cpu")
+    precision = "bf16" if dtype == torch.bfloat16 else "fp32"
+    channels_last = unet_memory_format("cpu", dtype) == torch.channels_last_3d  # as the pipeline runs it
+    print(f"U-Net step at the paper size ({precision}, channels-last-3d: {channels_last}) ...", flush=True)
+    _, step = build_step(PAPER_LATENT, channels_last=channels_last)
     step(precision)
     times = []
     for _ in range(args.steps):
@@ -93,8 +97,9 @@ def main() -> None:
     rows = [f"| {s['sampler']} {s['steps']} steps, {s['decoder']} decoder | {fmt_s(s['steps'] * unet_s)} | "
             f"{fmt_s(3 * decode[s['decoder']])} | {fmt_s(exam_s(s))} | {exam_s(PAPER) / exam_s(s):.0f}x |"
             for s in (PAPER, *ALSO, FAST)]
+    layout = ", channels-last-3d" if channels_last else ""
     lines = machine_lines(machine, end_load) + [
-        f"- Measured in this run: U-Net step {unet_s:.2f} s ({precision}, best of {args.steps}); sampler updates "
+        f"- Measured in this run: U-Net step {unet_s:.2f} s ({precision}{layout}, best of {args.steps}); sampler updates "
         + ", ".join(f"{k} {v * 1000:.0f} ms" for k, v in updates.items())
         + f"; light decoder {light_s:.1f} s per 256 x 256 x 128 volume; full decoder {full_s / 8:.1f} s per "
         f"128 x 128 x 64 volume (x8 = {full_s:.0f} s projected per 256 x 256 x 128 volume).",
@@ -109,7 +114,7 @@ def main() -> None:
         print(f"wrote {written}")
     cpu = f"{machine['cpu']}, {machine['capability']}"
     print(json.dumps({"fast_s": round(exam_s(FAST), 1), "paper_s": round(exam_s(PAPER), 1), "cpu": cpu,
-                      "precision": precision, "fast_settings": FAST, "paper_settings": PAPER, "projected": True,
+                      "precision": precision + layout.replace(", ", " "), "fast_settings": FAST, "paper_settings": PAPER, "projected": True,
                       "machine_loaded": machine["load_at_start"]["loaded"]}))
 
 

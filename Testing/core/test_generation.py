@@ -17,6 +17,7 @@ from CCELLACore.data import read_volume
 from CCELLACore.data.volume import SYNTHETIC_KEY
 from CCELLACore.errors import CCELLAError, ConfigError
 from CCELLACore.pipelines.generation import CCELLAPipeline
+from CCELLACore.precision import unet_memory_format
 from CCELLACore.reports import ReportError
 from CCELLACore.settings import load_config
 from CCELLACore.training.ldm import train_ldm
@@ -111,6 +112,26 @@ def test_generate_is_deterministic_and_marked_synthetic(trained, tmp_path):
     with pytest.raises(ConfigError, match=r"0 <= low < high <= 1.*guidance_interval"):
         pipe(report, seed=3, steps=2, guidance=2.0, guidance_interval=(0.6, 0.2))
     assert pipe(None, unconditional=True, seed=0, steps=2).settings["unconditional"] is True
+
+
+def test_channels_last_unet_gives_the_same_exam(trained):
+    # bf16 on a CPU runs the U-Net channels-last-3d (precision.unet_memory_format); the layout must not change the
+    # exam beyond float reordering. Checked in fp32, where every CPU is fast.
+    assert unet_memory_format("cpu", torch.bfloat16) == torch.channels_last_3d
+    assert unet_memory_format("cpu", torch.float32) == torch.contiguous_format
+    assert unet_memory_format("cuda", torch.bfloat16) == torch.contiguous_format
+    report = "PI-RADS 4 lesion in the right peripheral zone, apex, 12 mm."
+    pipe = CCELLAPipeline.from_pretrained(trained, device="cpu", dtype=torch.float32)
+    plain = pipe(report, seed=5, steps=3, guidance=2.0)
+    assert plain.settings["unet_memory_format"] == "contiguous_format"
+    pipe.memory_format = torch.channels_last_3d
+    pipe.ldm.to(memory_format=torch.channels_last_3d)
+    last = pipe(report, seed=5, steps=3, guidance=2.0)
+    assert last.settings["unet_memory_format"] == "channels_last_3d"
+    for name in ("AxT2", "HighB", "ADC"):
+        a, b = plain.exam.volumes[name].array, last.exam.volumes[name].array
+        assert np.abs(a - b).max() <= 1e-4 * max(float(np.abs(a).max()), 1.0), name
+    assert abs(plain.class_probability - last.class_probability) < 1e-5
 
 
 def test_report_edge_cases(trained, caplog):
