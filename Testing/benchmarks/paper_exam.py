@@ -99,7 +99,8 @@ def main() -> None:
             for s in (PAPER, *ALSO, FAST)]
     layout = ", channels-last-3d" if channels_last else ""
     lines = machine_lines(machine, end_load) + [
-        f"- Measured in this run: U-Net step {unet_s:.2f} s ({precision}{layout}, best of {args.steps}); sampler updates "
+        f"- Measured in this run: U-Net step {unet_s:.2f} s ({precision}{layout}, best of {args.steps}); "
+        "sampler updates "
         + ", ".join(f"{k} {v * 1000:.0f} ms" for k, v in updates.items())
         + f"; light decoder {light_s:.1f} s per 256 x 256 x 128 volume; full decoder {full_s / 8:.1f} s per "
         f"128 x 128 x 64 volume (x8 = {full_s:.0f} s projected per 256 x 256 x 128 volume).",
@@ -114,7 +115,8 @@ def main() -> None:
         print(f"wrote {written}")
     cpu = f"{machine['cpu']}, {machine['capability']}"
     print(json.dumps({"fast_s": round(exam_s(FAST), 1), "paper_s": round(exam_s(PAPER), 1), "cpu": cpu,
-                      "precision": precision + layout.replace(", ", " "), "fast_settings": FAST, "paper_settings": PAPER, "projected": True,
+                      "precision": precision + layout.replace(", ", " "), "fast_settings": FAST,
+                      "paper_settings": PAPER, "projected": True,
                       "machine_loaded": machine["load_at_start"]["loaded"]}))
 
 
