@@ -107,8 +107,8 @@ def unet_memory_format(device: torch.device | str, dtype: torch.dtype) -> torch.
     on a CPU (oneDNN's bf16 3D convolutions run channels-last natively), else ``torch.contiguous_format``.
 
     Measured side by side (BENCHMARKS.md, "U-Net step"): paper-size step 1.47x faster than contiguous bf16 on an AMX
-    CPU (4.23 -> 2.88 s), 1.06x on an AVX-512 BF16 CPU; ~1.2x at the demo's size; in fp32 it gained 0-13% at paper
-    size and lost up to ~30% at the demo's size, and it did not speed up the decoders, so it is used only here.
+    CPU (4.23 -> 2.88 s), 1.06x on an AVX-512 BF16 CPU; in fp32 it gained only 8-13% (``bench_unet.py``), so fp32
+    and the decoders keep the default layout.
 
     Example:
         >>> unet_memory_format("cpu", torch.float32)
