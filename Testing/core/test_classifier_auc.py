@@ -1,6 +1,6 @@
 """A classifier trained on phantom exams beats chance on held-out phantom exams: AUC > 0.8.
 
-CPU-sized on purpose (about a minute on 2 cores): a 32 x 32 x 32 grid at 2 mm (the gland and its surroundings), ~80
+CPU-sized on purpose (about a minute on 2 cores, both used): a 32 x 32 x 32 grid at 2 mm (the gland and its surroundings), ~80
 optimiser steps of 8 exams, flips only. The label is what the images show, PI-RADS >= 4 (a suspicious lesion)
 against PI-RADS <= 2 (no lesion), PI-RADS 3 exams left out: the phantoms' csPCa label also depends on a hidden
 biopsy draw (P(csPCa | PI-RADS 4) = 0.5), which caps any image classifier's AUC near 0.89 by design, too close to
@@ -30,9 +30,10 @@ TEST_FRACTION = 0.25
 
 
 @pytest.fixture()
-def one_thread():
+def two_threads():
+    """Both cores (CI's 2): half the time of one thread (126 s -> 65 s, AVX2 kernels); the AUC is no different."""
     before = torch.get_num_threads()
-    torch.set_num_threads(1)
+    torch.set_num_threads(2)
     yield
     torch.set_num_threads(before)
 
@@ -53,7 +54,7 @@ def _phantom_manifest(root: Path) -> Path:
     return write_manifest(studies, root / "manifest.csv")
 
 
-def test_phantom_classifier_beats_chance_on_held_out_exams(tmp_path, one_thread):
+def test_phantom_classifier_beats_chance_on_held_out_exams(tmp_path, two_threads):
     manifest = _phantom_manifest(tmp_path / "data")
     config = load_classifier_config("tiny")
     config = dataclasses.replace(
