@@ -105,9 +105,8 @@ def read_model_info(directory: str | Path) -> ModelInfo:
     samplers: tuple[str, ...] = ()
     default_sampler = sampling.get("sampler")
     if importlib.util.find_spec("torch") is not None:
-        # The sampler table lives with the samplers (it imports torch); never a copy of it here.
-        from ..sampling.config import DEFAULT_SAMPLER
-        from ..sampling.samplers import SUPPORTED_SAMPLERS
+        # The sampler table lives with the sampling config (no torch, no MONAI); never a copy of it here.
+        from ..sampling.config import DEFAULT_SAMPLER, SUPPORTED_SAMPLERS
 
         if objective not in SUPPORTED_SAMPLERS:
             raise CCELLAError(f"{directory / 'model.json'}: unknown objective '{objective}'; "

@@ -4,7 +4,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ["SamplingConfig", "DEFAULT_SAMPLER", "check_guidance_interval", "check_side_scale"]
+__all__ = ["SamplingConfig", "SUPPORTED_SAMPLERS", "DEFAULT_SAMPLER", "check_guidance_interval", "check_side_scale"]
+
+#: Samplers each training objective supports (docs/design.md, "Training objective and samplers"). Here, not in
+#: :mod:`.samplers`, so that reading a model folder's samplers (the Slicer job, the model-info reader) needs no MONAI.
+SUPPORTED_SAMPLERS: dict[str, tuple[str, ...]] = {
+    "epsilon": ("ddpm", "ddim", "dpm-solver++"),
+    "velocity": ("rflow",),
+}
 
 #: Sampler per objective when neither the call nor the model's ``sampling`` config names one.
 DEFAULT_SAMPLER = {"epsilon": "dpm-solver++", "velocity": "rflow"}

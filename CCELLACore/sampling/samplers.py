@@ -44,6 +44,7 @@ from collections.abc import Callable, Sequence
 import torch
 
 from ..errors import CCELLAError, ConfigError
+from .config import SUPPORTED_SAMPLERS
 from .objectives import NoiseScheduleConfig
 
 __all__ = [
@@ -57,11 +58,6 @@ __all__ = [
     "sample",
 ]
 
-#: Samplers each training objective supports (docs/design.md, "Training objective and samplers").
-SUPPORTED_SAMPLERS: dict[str, tuple[str, ...]] = {
-    "epsilon": ("ddpm", "ddim", "dpm-solver++"),
-    "velocity": ("rflow",),
-}
 
 
 def _scalar(t: int | float | torch.Tensor) -> float:
