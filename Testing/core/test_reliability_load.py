@@ -24,9 +24,8 @@ from test_reliability_crash import ENV
 N_EXAMS = 1000
 #: Measured (2026-12-03, Intel Xeon with AMX run on AVX2 kernels, 2 threads, unique reports; 109 s): peak RSS climbs
 #: ~20 MiB over the first ~350 exams (allocator arenas and caches filling) and is flat from there to 1 000 (717-718
-#: MiB). A leak is growth that does not stop: exams
-#: 400-500 against the last 100, within 16 MiB (a leak of 33 KiB per exam would show); and the whole run within
-#: 64 MiB of exams 20-40.
+#: MiB). A leak is growth that does not stop: exams 400-500 against the last 100, within 16 MiB (a leak of 33 KiB
+#: per exam would show); and the whole run within 64 MiB of exams 20-40.
 WINDOWS = ((400, 500), (N_EXAMS - 100, N_EXAMS))
 RSS_SLACK = 16 * 2**20
 WARMUP_SLACK = 64 * 2**20

@@ -12,6 +12,11 @@ MODULE_DIR = REPO / "CCELLAPlusPlus"
 
 if str(MODULE_DIR) not in sys.path:
     sys.path.insert(0, str(MODULE_DIR))
+
+# slicer-core's package imports every module of each folder named ``slicer`` on sys.path, this one included: imported
+# first from conftest_helpers (via CCELLAPlusPlusLib.jobs), it would import conftest_helpers again half-way through
+# and fail on a circular import (this file's tests run alone). Imported here first, before any helper, it does not.
+import slicer  # noqa: E402,F401
 # Real Qt without a display (PySide6's offscreen platform), set before any QApplication exists.
 os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
 
