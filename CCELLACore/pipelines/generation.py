@@ -180,9 +180,11 @@ class CCELLAPipeline:
         """Normalised images -> physical units on a grid centred at the LPS origin, marked synthetic."""
         grid = make_grid(images.shape[1:], spacing, center_lps=(0.0, 0.0, 0.0))
         refs = self.metadata["reference_intensities"]
+        adc_window = tuple(self.config.preprocess.ldm.adc_window)  # the window the training latents were made with
         volumes = {}
         for s, name in enumerate(self.sequences):
-            array = denormalize_array(images[s], name, reference_intensity=refs[name]).astype(np.float32)
+            array = denormalize_array(images[s], name, reference_intensity=refs[name],
+                                      adc_window=adc_window).astype(np.float32)
             volumes[name] = grid.with_array(array, **{SYNTHETIC_KEY: "true", MODEL_HASH_KEY: self.model_hash,
                                                       "CCELLA_sequence": name, **extra})
         return Exam(volumes=volumes, case_id="synthetic")

@@ -221,3 +221,15 @@ def test_embedded_demo_model_smoke_honours_reports():
     for out in (positive, negative):
         assert anatomy(out.exam, references)["anatomy"], anatomy(out.exam, references)["anatomy_r"]
     assert positive.class_probability > 0.5 > negative.class_probability
+
+
+def test_generated_adc_maps_back_through_the_models_own_window(trained):
+    """A model trained on another ADC window (``preprocess.ldm.adc_window``) gives ADC in that window's units."""
+    pipe = CCELLAPipeline.from_pretrained(trained, device="cpu")
+    images = np.full((3, 4, 4, 2), 0.5, np.float32)
+    assert np.allclose(pipe.to_exam(images, (1.0, 1.0, 1.0), {}).volumes["ADC"].array, 1500.0)
+    ldm = replace(pipe.config.preprocess.ldm, adc_window=(0.0, 2000.0))
+    pipe.config = replace(pipe.config, preprocess=replace(pipe.config.preprocess, ldm=ldm))
+    exam = pipe.to_exam(images, (1.0, 1.0, 1.0), {})
+    assert np.allclose(exam.volumes["ADC"].array, 1000.0)
+    assert np.allclose(exam.volumes["HighB"].array, 0.5 * pipe.metadata["reference_intensities"]["HighB"])
