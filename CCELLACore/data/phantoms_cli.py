@@ -4,11 +4,12 @@ Example::
 
     ccella phantoms --institution 1 --n 50 --seed 0 --out data/phantoms1
     ccella phantoms --institution 2 --n 50 --seed 0 --first-index 0 --out data/phantoms2 --layouts none
+    ccella phantoms --config demo --institution 1 --n 1000 --seed 0 --out data/demo --layouts none --workers 2
 
 Writes ``<out>/cases/<case_id>/{axt2,highb,adc,gland,lesion}.nii.gz``, ``<out>/manifest.csv`` (splits per patient),
 ``<out>/truth.json`` (per-case lesions, sectors, sizes, scores) and, unless ``--layouts none``, the authors' JSON,
 PI-CAI and Prostate158 layouts. Resumable: a case whose five files exist is not rendered again (it would give the
-same bytes). Same seed, same bytes.
+same bytes). Same seed, same bytes, whatever the number of ``--workers``.
 """
 
 from __future__ import annotations
@@ -20,11 +21,12 @@ from pathlib import Path
 
 import numpy as np
 
+from ..cli import positive_int
 from ..fileio import atomic_write_json
 from .manifest import write_manifest
 from .phantoms import generate_phantom, get_institution, phantom_report, sample_truth
 from .study import Study
-from .volume import write_volume
+from .volume import single_itk_thread, write_volume
 
 __all__ = ["add_arguments", "run", "assign_splits", "LAYOUTS", "CASE_FILES", "PhantomGridConfig"]
 
@@ -68,6 +70,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--splits", type=float, nargs=3, default=(0.8, 0.05, 0.15), metavar=("TRAIN", "VAL", "TEST"), help="patient fractions per split")
     parser.add_argument("--multi-study-fraction", type=float, default=0.1, help="fraction of patients with two studies")
     parser.add_argument("--layouts", nargs="+", default=list(LAYOUTS), help=f"layouts to export besides the manifest: {' '.join(LAYOUTS)}, or 'none'")
+    parser.add_argument("--workers", type=positive_int, default=1, help="processes rendering cases (same bytes)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -91,6 +94,14 @@ def assign_splits(patient_ids: list[str], fractions, seed: int) -> dict[str, str
             counts[k] += 1
     splits = np.repeat(np.arange(3), counts)
     return {patients[i]: _SPLIT_NAMES[int(splits[rank])] for rank, i in enumerate(order)}
+
+
+def _render_case_files(index: int, institution: int, size, spacing, seed: int, multi_study_fraction: float,
+                       folder: Path) -> None:
+    """Render phantom case ``index`` and write its five files into ``folder`` (in this or a worker process)."""
+    case = generate_phantom(index, institution, size, spacing, seed, multi_study_fraction=multi_study_fraction)
+    for name, vol in (*case.exam.volumes.items(), *case.exam.masks.items()):
+        write_volume(vol, folder / CASE_FILES[name])
 
 
 def run(args: argparse.Namespace) -> int:
@@ -120,23 +131,33 @@ def run(args: argparse.Namespace) -> int:
     truths = [sample_truth(i, profile.institution, args.seed, multi_study_fraction=args.multi_study_fraction) for i in indices]
     split_of = assign_splits([t.patient_id for t in truths], args.splits, args.seed)
 
+    todo = [(index, truth) for index, truth in zip(indices, truths)
+            if not all((out / "cases" / truth.case_id / file).is_file() for file in CASE_FILES.values())]
+    jobs = [(index, profile.institution, args.size, args.spacing, args.seed, args.multi_study_fraction,
+             out / "cases" / truth.case_id) for index, truth in todo]
+    bar = tqdm(total=len(jobs), desc="phantoms", unit="case", disable=args.no_progress)
+    if args.workers == 1 or len(jobs) < 2:
+        for job in jobs:
+            _render_case_files(*job)
+            bar.update(1)
+    else:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor, as_completed
+
+        # "spawn", as preprocessing: safe whatever the parent imported; each case is its own seeded draw.
+        with ProcessPoolExecutor(max_workers=args.workers, mp_context=multiprocessing.get_context("spawn"),
+                                 initializer=single_itk_thread) as pool:
+            for future in as_completed([pool.submit(_render_case_files, *job) for job in jobs]):
+                future.result()
+                bar.update(1)
+    bar.close()
+    reused = len(truths) - len(todo)
+
     studies: list[Study] = []
     truth_json: dict[str, dict] = {}
-    reused = 0
-    for index, truth in tqdm(list(zip(indices, truths)), desc="phantoms", unit="case", disable=args.no_progress):
-        folder = out / "cases" / truth.case_id
-        paths = {name: folder / file for name, file in CASE_FILES.items()}
-        case = generate_phantom(
-            index, profile.institution, args.size, args.spacing, args.seed, multi_study_fraction=args.multi_study_fraction
-        ) if not all(p.is_file() for p in paths.values()) else None
-        if case is None:
-            # Resume: the images exist; the report is re-drawn cheaply from the same generator.
-            report = phantom_report(truth, args.seed)
-            reused += 1
-        else:
-            for name, vol in (*case.exam.volumes.items(), *case.exam.masks.items()):
-                write_volume(vol, paths[name])
-            report = case.report
+    for truth in truths:
+        paths = {name: out / "cases" / truth.case_id / file for name, file in CASE_FILES.items()}
+        report = phantom_report(truth, args.seed)  # the report render_case gives, re-drawn cheaply
         studies.append(
             Study(
                 case_id=truth.case_id,

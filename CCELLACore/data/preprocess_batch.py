@@ -19,6 +19,7 @@ from .batch import BatchSummary
 from .preprocess import (DONE_FILE, PreprocessConfig, _check_sequences, _preprocess_study, case_folder_name,
                          config_hash)
 from .study import MASKS, SEQUENCES, Study
+from .volume import single_itk_thread
 
 __all__ = ["MASK_SUFFIXES", "gland_masks_from_folder", "preprocess_manifest"]
 
@@ -124,13 +125,6 @@ def gland_masks_from_folder(studies: list[Study], masks_dir: str | Path) -> list
     return out
 
 
-def _worker_init() -> None:
-    # Each worker process gets one ITK thread: the pool already uses the cores.
-    import SimpleITK as sitk
-
-    sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(1)
-
-
 def preprocess_manifest(
     manifest_path: str | Path,
     config: PreprocessConfig,
@@ -186,7 +180,7 @@ def preprocess_manifest(
 
         # "spawn": safe whatever the parent imported (forking a process with torch threads can deadlock).
         context = multiprocessing.get_context("spawn")
-        with ProcessPoolExecutor(max_workers=workers, mp_context=context, initializer=_worker_init) as pool:
+        with ProcessPoolExecutor(max_workers=workers, mp_context=context, initializer=single_itk_thread) as pool:
             futures = {pool.submit(_run_case, s, config, digest, cases_dir, allow_missing): s.case_id
                        for s in manifest.studies}
             for future in as_completed(futures):

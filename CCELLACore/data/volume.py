@@ -38,6 +38,7 @@ __all__ = [
     "NIFTI_DESCRIP_KEY",
     "make_grid",
     "resample_to_grid",
+    "single_itk_thread",
 ]
 
 #: File suffixes understood by :func:`read_volume` / :func:`write_volume`.
@@ -318,6 +319,13 @@ def write_volume(volume: Volume, path: str | Path, *, compress: bool = True) -> 
     except RuntimeError as exc:
         raise VolumeError(path, f"cannot write image ({str(exc).strip().splitlines()[-1]})") from None
     return path
+
+
+def single_itk_thread() -> None:
+    """One ITK thread in this process: for worker processes of a pool that already uses the cores."""
+    import SimpleITK as sitk
+
+    sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(1)
 
 
 def make_grid(
