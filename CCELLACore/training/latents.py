@@ -155,9 +155,10 @@ def encode_latents(
 
     cache_dir = Path(cache_dir)
     cache_dir.mkdir(parents=True, exist_ok=True)
-    todo = [s for s in studies if not _latent_file(cache_dir, s.case_id).is_file()]
+    # Shard all studies, then skip the cached ones: a rank that listed the cache after another rank had begun
+    # writing to it would shard a shorter list and leave cases to nobody.
+    mine = [s for s in shard(studies, ctx) if not _latent_file(cache_dir, s.case_id).is_file()]
     problems: list[tuple[str, str]] = []
-    mine = shard(todo, ctx)
     for study in tqdm(mine, desc="encode latents", unit="exam", disable=not (progress and ctx.is_main)):
         try:
             exam = study.load(sequences, masks=True)

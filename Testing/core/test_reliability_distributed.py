@@ -118,7 +118,11 @@ def test_a_rank_that_hangs_alive_stops_the_job_after_the_timeout_and_it_resumes(
     reader.start()
     workers: dict[str, psutil.Process] = {}
     try:
-        wait_for_step(job, run, 4)
+        try:
+            wait_for_step(job, run, 4)
+        except AssertionError as error:  # say why the job ended before the hang was made
+            reader.join(timeout=30)
+            raise AssertionError(f"{error}:\n{''.join(lines)[-3000:]}") from None
         workers = ranks(job)
         workers["1"].send_signal(signal.SIGSTOP)
         hung = time.monotonic()
@@ -169,3 +173,46 @@ def test_a_timeout_that_is_not_a_positive_number_is_named(monkeypatch):
         with pytest.raises(CCELLAError) as info:
             collective_timeout()
         assert str(info.value) == f"{TIMEOUT_VARIABLE}={bad!r}: expected a positive number of seconds (default 600)"
+
+
+LATE_RANK = """
+import os, sys, time
+from pathlib import Path
+import torch
+from CCELLACore.data.manifest import read_manifest
+from CCELLACore.models.autoencoder import SequenceAutoencoder, load_autoencoder_dir
+from CCELLACore.training.distributed import init_distributed
+from CCELLACore.training.latents import encode_latents
+data, cache = Path(sys.argv[1]), Path(sys.argv[2])
+ctx = init_distributed("cpu")
+studies = read_manifest(data / "prep" / "manifest.csv").select(("train", "val", "test"))
+if ctx.rank == 1:  # starts late: rank 0 has already written to the cache when this rank looks at it
+    while not list(cache.glob("*.safetensors")):
+        time.sleep(0.01)
+model, _ = load_autoencoder_dir(data / "ae", ctx.device)
+assert encode_latents(studies, SequenceAutoencoder(model, ctx.device), cache, ctx, progress=False) == []
+print("encoded", len(studies))
+"""
+
+
+def test_a_rank_that_starts_late_leaves_no_case_unencoded(data, tmp_path):
+    """The latent cache is shared: a rank that lists it after another rank began writing must still take its own
+    share of every case (it once sharded the shorter list it saw, and cases were left to nobody)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cache = tmp_path / "latents"
+    jobs = [subprocess.Popen([sys.executable, "-c", LATE_RANK, str(data), str(cache)], stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True,
+                             env={**ENV, "OMP_NUM_THREADS": "1", "RANK": str(rank), "LOCAL_RANK": str(rank),
+                                  "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
+            for rank in (0, 1)]
+    outputs = [job.communicate(timeout=300)[0] for job in jobs]
+    assert [job.returncode for job in jobs] == [0, 0], outputs
+    from CCELLACore.data.manifest import read_manifest
+
+    cases = {s.case_id for s in read_manifest(data / "prep" / "manifest.csv").select(("train", "val", "test"))}
+    assert len(cases) >= 6
+    assert {p.stem for p in cache.glob("*.safetensors")} == cases
