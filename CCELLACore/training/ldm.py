@@ -159,6 +159,7 @@ def train_ldm(
     model_card: str = "",
     init: str | Path | None = None,
     institution: str | None = None,
+    init_new_autoencoder: bool = False,
 ) -> Path | None:
     """Train (or resume) a CCELLA++ diffusion model; returns the model directory ``<out_dir>/model``.
 
@@ -174,6 +175,9 @@ def train_ldm(
         init: a CCELLA++ model directory whose adapter + U-Net weights and latent scale factors start the run
             (fine-tuning; the same autoencoder must be given). The U-Net may take more inputs than the initial
             model's (coordinate maps): those start at zero (:func:`~CCELLACore.models.ldm.load_grown_state`).
+        init_new_autoencoder: allow ``init`` to have been trained on another autoencoder's latents (one whose
+            encoder was fine-tuned from that autoencoder, so its latent space moved but did not change): the scale
+            factors are then computed afresh over the training set, so the U-Net again sees unit-scale latents.
         institution: train (and validate) on this institution's studies only (the manifest's ``institution``).
 
     Returns:
@@ -246,7 +250,8 @@ def train_ldm(
     model = CCELLALDM(config.ldm)
     init_hash, init_factors = None, None
     if init is not None:
-        init_hash, init_factors = _initialise(model, init, autoencoder_dir, sequences, ctx.is_main)
+        init_hash, init_factors = _initialise(model, init, autoencoder_dir, sequences, ctx.is_main,
+                                              init_new_autoencoder)
     model = model.to(dev)
     objective = TrainingObjective.from_config(config.diffusion)
     steps_per_epoch = max(1, math.ceil(len(train) / (cfg.batch_size * ctx.world_size)))
@@ -258,7 +263,8 @@ def train_ldm(
     state = TrainingState(
         models={"ldm": model}, optimizers={"adamw": optimizer}, emas={"ldm": ema},
         generators={"noise": noise_gen},
-        config_hash=config_hash({**_resume_relevant(config, cfg, institution), "init": init_hash}),
+        config_hash=config_hash({**_resume_relevant(config, cfg, institution), "init": init_hash,
+                                 **({"init_new_autoencoder": True} if init_new_autoencoder else {})}),
     )
 
     # 4. Resume, or compute the scale factors over the whole training set.
@@ -333,6 +339,7 @@ def train_ldm(
             extra={"steps": state.step, "train_exams": len(train),
                    "autoencoder_hash": component_hash(autoencoder_dir, "autoencoder"),
                    "max_tokens": max_tokens, "steps_per_epoch": steps_per_epoch, "initialised_from": init_hash,
+                   **({"init_new_autoencoder": True} if init_new_autoencoder else {}),
                    **run_record(ctx, cfg.batch_size, institution)},
         )
         save_model_dir(model_dir, {"ldm": sampling_model, "autoencoder": autoencoder_model}, config, metadata,
@@ -341,22 +348,27 @@ def train_ldm(
     return model_dir
 
 
-def _initialise(model: CCELLALDM, init: str | Path, autoencoder_dir: str | Path, sequences, verbose: bool):
-    """Start ``model`` from the LDM weights of model directory ``init``; returns (its hash, its scale factors)."""
+def _initialise(model: CCELLALDM, init: str | Path, autoencoder_dir: str | Path, sequences, verbose: bool,
+                new_autoencoder: bool = False):
+    """Start ``model`` from the LDM weights of model directory ``init``; returns (its hash, its scale factors, None
+    when the scale factors must be computed afresh)."""
     from ..models.ldm import load_grown_state
     from ..models.serialization import component_hash, load_model_dir, model_hash
 
     _, meta, states = load_model_dir(init)
     if "ldm" not in states:
         raise ConfigError(f"{init}: not a CCELLA++ diffusion model (no 'ldm' component)", key="--init")
-    if meta.get("extra", {}).get("autoencoder_hash") not in (None, component_hash(autoencoder_dir, "autoencoder")):
-        raise ConfigError(f"{init} was trained on the latents of another autoencoder than {autoencoder_dir}",
-                          key="--init")
+    same = meta.get("extra", {}).get("autoencoder_hash") in (None, component_hash(autoencoder_dir, "autoencoder"))
+    if not same and not new_autoencoder:
+        raise ConfigError(f"{init} was trained on the latents of another autoencoder than {autoencoder_dir} (give "
+                          "--init-new-autoencoder if that one's encoder was fine-tuned from it)", key="--init")
     grown = load_grown_state(model, states["ldm"], str(init))
     if verbose:
         logger.info("initialised from %s%s", init, f" (zero-initialised new inputs of {', '.join(grown)})"
                     if grown else "")
-    factors = meta.get("latent_scale_factors")
+    factors = meta.get("latent_scale_factors") if same else None  # other latents: their own scale
+    if not same and verbose:
+        logger.info("%s was trained on another autoencoder's latents: scale factors computed afresh", init)
     # load_model_dir has checked the files against the recorded hash; hash them only where none is recorded.
     return meta.get("model_hash") or model_hash(init), ({s: float(factors[s]) for s in sequences} if factors else None)
 

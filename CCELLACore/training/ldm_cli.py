@@ -19,6 +19,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="stop with a checkpoint at this step; the same command without it resumes")
     parser.add_argument("--init", type=Path, default=None,
                         help="model directory to start from (fine-tuning; its U-Net may take fewer inputs)")
+    parser.add_argument("--init-new-autoencoder", action="store_true",
+                        help="--init's model was trained on another autoencoder, e.g. one whose encoder --autoencoder "
+                             "fine-tuned: allowed, with the latent scale factors computed afresh")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config key, e.g. --set train_ldm.lr=2e-4 (repeatable)")
     parser.add_argument("--institution", help="train on this institution's rows of the manifest only")
@@ -33,6 +36,7 @@ def run(args: argparse.Namespace) -> int:
     config = load_config(args.config, args.set)
     model_dir = train_ldm(config, args.manifest, args.autoencoder, args.out, device=args.device,
                           max_steps=args.max_steps, stop_after=args.stop_after, progress=not args.no_progress,
-                          init=args.init, institution=args.institution)
+                          init=args.init, institution=args.institution,
+                          init_new_autoencoder=args.init_new_autoencoder)
     print(f"model written to {model_dir}" if model_dir else f"stopped; checkpoint in {args.out / 'checkpoints'}")
     return 0

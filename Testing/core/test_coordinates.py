@@ -97,6 +97,15 @@ def test_train_ldm_init_fine_tunes_a_model_into_one_with_coordinates(data, train
     save_model_dir(tmp_path / "ae2", {"autoencoder": build_autoencoder(config.autoencoder)},
                    {"autoencoder": config.autoencoder},
                    ModelMetadata(grid_size=(32, 32, 16), spacing=(4.0, 4.0, 4.0)), "another tiny autoencoder")
-    with pytest.raises(ConfigError, match="another autoencoder"):
+    with pytest.raises(ConfigError, match="another autoencoder.*--init-new-autoencoder"):
         train_ldm(config, data / "prep" / "manifest.csv", tmp_path / "ae2", tmp_path / "run2", device="cpu",
                   max_steps=1, progress=False, init=trained)
+    # An encoder fine-tuned from the initial model's: allowed when asked for, with the scale of its own latents.
+    again = train_ldm(config, data / "prep" / "manifest.csv", tmp_path / "ae2", tmp_path / "run3", device="cpu",
+                      max_steps=1, progress=False, init=trained, init_new_autoencoder=True)
+    meta = json.loads((again / "model.json").read_text())
+    assert meta["extra"]["initialised_from"] == base["model_hash"] and meta["extra"]["init_new_autoencoder"]
+    assert meta["extra"]["autoencoder_hash"] != base["extra"]["autoencoder_hash"]
+    assert meta["latent_scale_factors"].keys() == base["latent_scale_factors"].keys()
+    assert all(abs(meta["latent_scale_factors"][s] - base["latent_scale_factors"][s]) > 1e-4
+               for s in base["latent_scale_factors"])
