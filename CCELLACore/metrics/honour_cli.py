@@ -5,6 +5,12 @@ section for the model card); ``<out>/generated.jsonl`` keeps each generated exam
 killed run, started again with the same command, generates only the rest. ``--update-card`` also puts the section
 into ``<model>/README.md`` between ``<!-- honour:start -->`` and ``<!-- honour:end -->``. See
 :mod:`CCELLACore.metrics.honour` for the procedure.
+
+``--ceiling-only`` judges gates 1 and 2 alone (real exams, and real exams through the autoencoder; nothing is
+generated) and writes ``<out>/ceiling.json``; with ``--autoencoder DIR`` (a ``ccella train-autoencoder`` model folder
+of the model's architecture) that autoencoder stands in for the model's, and ``--adc-window`` gives the ADC window its
+training volumes were normalised with: a candidate autoencoder is judged before any diffusion model is trained on its
+latents.
 """
 
 from __future__ import annotations
@@ -14,8 +20,10 @@ import logging
 from pathlib import Path
 
 from ..cli import add_decoder_argument, positive_int
+from ..errors import CCELLAError
+from ..fileio import atomic_write_json
 
-from .honour import HonourSettings, evaluate_honour, honour_gates
+from .honour import HonourSettings, ceiling_gates, evaluate_ceiling, evaluate_honour, honour_gates
 from .honour_card import honour_markdown, update_model_card, write_honour
 
 __all__ = ["add_arguments", "run"]
@@ -51,6 +59,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "default 3)")
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
     add_decoder_argument(parser, "; it decodes the generated exams and the autoencoder ceiling (gate 2) alike")
+    parser.add_argument("--ceiling-only", action="store_true",
+                        help="gates 1 and 2 only (real exams, also through the autoencoder; nothing generated): "
+                             "<out>/ceiling.json")
+    parser.add_argument("--autoencoder", type=Path, default=None,
+                        help="with --ceiling-only: judge this autoencoder model folder (train-autoencoder output, the "
+                             "model's architecture) instead of the model's")
+    parser.add_argument("--adc-window", type=float, nargs=2, metavar=("LOW", "HIGH"), default=None,
+                        help="with --ceiling-only: the ADC window (10^-6 mm^2/s) of the normalisation the judged "
+                             "autoencoder was trained with (default: the model's preprocess.ldm.adc_window)")
     parser.add_argument("--update-card", action="store_true",
                         help="also write the section into the model directory's README.md (weights are untouched)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -67,7 +84,14 @@ def run(args: argparse.Namespace) -> int:
         phantom_spacing=tuple(args.phantom_spacing) if args.phantom_spacing else None,
         handwritten_seeds=args.handwritten_seeds,
     )
+    if (args.autoencoder is not None or args.adc_window is not None) and not args.ceiling_only:
+        raise CCELLAError("--autoencoder and --adc-window need --ceiling-only: the model's diffusion model was "
+                          "trained on the latents of its own autoencoder")
+    if args.ceiling_only and args.update_card:
+        raise CCELLAError("--update-card needs the whole evaluation, not --ceiling-only")
     pipe = CCELLAPipeline.from_pretrained(args.model, device=args.device, decoder=args.decoder)
+    if args.ceiling_only:
+        return _run_ceiling(args, pipe, settings)
     result = evaluate_honour(pipe, settings, progress=not args.no_progress,
                              journal_path=args.out / "generated.jsonl")
     json_path, md_path = write_honour(result, args.out)
@@ -86,4 +110,42 @@ def run(args: argparse.Namespace) -> int:
     if args.update_card:
         card = update_model_card(args.model, honour_markdown(result))
         print(f"updated the model card {card} (README only; the model hash is unchanged)")
+    return 0
+
+
+def _run_ceiling(args: argparse.Namespace, pipe, settings: HonourSettings) -> int:
+    from dataclasses import replace
+
+    preprocess = pipe.config.preprocess.ldm
+    if args.adc_window is not None:
+        try:
+            preprocess = replace(preprocess, adc_window=tuple(args.adc_window))
+        except ValueError as exc:
+            raise CCELLAError(f"--adc-window: {exc}") from None
+    if args.autoencoder is not None:
+        from ..models.autoencoder import load_autoencoder_dir
+
+        if pipe.autoencoder.decoder_name != "full":
+            raise CCELLAError("--autoencoder judges that autoencoder's own decoder: give --decoder full")
+        candidate, _ = load_autoencoder_dir(args.autoencoder)
+        try:
+            pipe.autoencoder.model.load_state_dict(candidate.state_dict())
+        except RuntimeError as exc:
+            raise CCELLAError(f"{args.autoencoder}: not the architecture of {args.model}'s autoencoder "
+                              f"({str(exc).splitlines()[0]})") from None
+    result = evaluate_ceiling(pipe, settings, progress=not args.no_progress, preprocess=preprocess)
+    if args.autoencoder is not None:
+        from ..models.serialization import component_hash
+
+        result["settings"]["autoencoder"] = {"folder": str(args.autoencoder),
+                                             "hash": component_hash(args.autoencoder, "autoencoder")}
+    else:
+        result["settings"]["autoencoder"] = "the model's"
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = atomic_write_json(args.out / "ceiling.json", result)
+    for gate in ceiling_gates(result):
+        for check in gate["checks"]:
+            logger.info("gate %d (%s): %s, target %s: %s", gate["gate"], gate["name"], check["figure"],
+                        check["target"], {True: "met", False: "NOT met", None: "no exams"}[check["met"]])
+    print(f"wrote {path}")
     return 0

@@ -24,6 +24,7 @@ from CCELLACore.metrics.honour import (
     evaluation_cases,
     anatomy,
     gland_atlas,
+    ceiling_gates,
     grid_reference,
     honour_gates,
     model_representation,
@@ -32,7 +33,8 @@ from CCELLACore.metrics.honour import (
     real_exam_on_grid,
     report_side,
 )
-from CCELLACore.models.serialization import model_hash
+from CCELLACore.models.autoencoder import build_autoencoder
+from CCELLACore.models.serialization import ModelMetadata, component_hash, model_hash, save_model_dir
 from CCELLACore.settings import load_config
 from test_reliability_crash import start_and_sigkill, wait_until
 
@@ -280,3 +282,47 @@ def test_anatomy_check_passes_real_exams_and_fails_noise():
     for fake in (noise, texture):
         result = anatomy(fake, references)
         assert not result["anatomy"] and max(result["anatomy_r"].values()) < ANATOMY_MIN_CORRELATION / 2
+
+
+def test_ceiling_only_judges_gates_1_and_2_and_a_candidate_autoencoder(tiny_model, tmp_path):
+    """``--ceiling-only``: real exams and real exams through an autoencoder, nothing generated; ``--autoencoder``
+    puts a candidate in the model's place (the same weights give the same figures; another architecture is named)."""
+    base = ["--model", str(tiny_model), "--n", "4", "--atlas-n", "4", "--device", "cpu", "--no-progress",
+            "--ceiling-only", *TINY_PHANTOM]
+    own = tmp_path / "own"
+    assert _run_cli([*base, "--out", str(own)]) == 0
+    result = json.loads((own / "ceiling.json").read_text(encoding="utf-8"))
+    assert sorted(p.name for p in own.iterdir()) == ["ceiling.json"]  # nothing generated, no card section
+    assert [g["gate"] for g in ceiling_gates(result)] == [1, 2]
+    assert all(len(g["checks"]) == 2 for g in ceiling_gates(result))
+    settings = result["settings"]
+    assert settings["autoencoder"] == "the model's" and settings["adc_window"] == [0.0, 3000.0]
+    assert settings["seed"] == 1000 and settings["validation_seed"] == 3000
+    assert len(result["detector_validity"]["records"]) == len(result["detector_validation"]["records"]) == 4
+    assert {"model_atlas", "autoencoder_atlas"} <= set(result["detector_validity"]["summary"])
+    assert result["settings"]["case_indices"] == [c.index for c in evaluation_cases(4, 1000)]
+
+    # The model folder holds the autoencoder it embeds: judged as a candidate, the same figures.
+    same = tmp_path / "same"
+    assert _run_cli([*base, "--out", str(same), "--autoencoder", str(tiny_model)]) == 0
+    again = json.loads((same / "ceiling.json").read_text(encoding="utf-8"))
+    assert again["detector_validity"]["records"] == result["detector_validity"]["records"]
+    assert again["settings"]["autoencoder"] == {"folder": str(tiny_model),
+                                                "hash": component_hash(tiny_model, "autoencoder")}
+    # The window the candidate was trained with changes how real exams are normalised, and is recorded.
+    window = tmp_path / "window"
+    assert _run_cli([*base, "--out", str(window), "--adc-window", "0", "2000"]) == 0
+    assert json.loads((window / "ceiling.json").read_text(encoding="utf-8"))["settings"]["adc_window"] == [0, 2000]
+
+    other = tmp_path / "ae_demo"
+    cfg = load_config("demo").autoencoder
+    save_model_dir(other, {"autoencoder": build_autoencoder(cfg)}, {"autoencoder": cfg},
+                   ModelMetadata(grid_size=(64, 64, 32), spacing=(1.0, 1.0, 1.5)), "another architecture")
+    with pytest.raises(CCELLAError, match=f"{other}: not the architecture of"):
+        _run_cli([*base, "--out", str(tmp_path / "x"), "--autoencoder", str(other)])
+    with pytest.raises(CCELLAError, match="--adc-window: adc_window must be"):
+        _run_cli([*base, "--out", str(tmp_path / "x"), "--adc-window", "2000", "1000"])
+    generate = [a for a in base if a != "--ceiling-only"]
+    with pytest.raises(CCELLAError, match="need --ceiling-only"):
+        _run_cli([*generate, "--out", str(tmp_path / "x"), "--autoencoder", str(tiny_model)])
+    assert not (tmp_path / "x").exists()
