@@ -102,10 +102,7 @@ def run(args: argparse.Namespace) -> int:
     ceiling = result["detector_validity"]["summary"]["autoencoder_atlas"]
     logger.info("honour: ceiling of the model's autoencoder (real exams reconstructed): %s (PI-RADS >= 4), "
                 "%s (PI-RADS 1-2)", ceiling["sensitivity"]["count"], ceiling["false_positive_rate"]["count"])
-    for gate in honour_gates(result):
-        for check in gate["checks"]:
-            logger.info("gate %d (%s): %s, target %s: %s", gate["gate"], gate["name"], check["figure"],
-                        check["target"], {True: "met", False: "NOT met", None: "no exams"}[check["met"]])
+    _log_gates(honour_gates(result))
     print(f"wrote {json_path} and {md_path}")
     if args.update_card:
         card = update_model_card(args.model, honour_markdown(result))
@@ -143,9 +140,13 @@ def _run_ceiling(args: argparse.Namespace, pipe, settings: HonourSettings) -> in
         result["settings"]["autoencoder"] = "the model's"
     args.out.mkdir(parents=True, exist_ok=True)
     path = atomic_write_json(args.out / "ceiling.json", result)
-    for gate in ceiling_gates(result):
+    _log_gates(ceiling_gates(result))
+    print(f"wrote {path}")
+    return 0
+
+
+def _log_gates(gates: list[dict]) -> None:
+    for gate in gates:
         for check in gate["checks"]:
             logger.info("gate %d (%s): %s, target %s: %s", gate["gate"], gate["name"], check["figure"],
                         check["target"], {True: "met", False: "NOT met", None: "no exams"}[check["met"]])
-    print(f"wrote {path}")
-    return 0

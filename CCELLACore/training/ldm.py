@@ -249,6 +249,7 @@ def train_ldm(
     # 3. Model, optimiser, schedule, EMA.
     model = CCELLALDM(config.ldm)
     init_hash, init_factors = None, None
+    new_autoencoder = {"init_new_autoencoder": True} if init_new_autoencoder else {}  # in the run's hash and record
     if init is not None:
         init_hash, init_factors = _initialise(model, init, autoencoder_dir, sequences, ctx.is_main,
                                               init_new_autoencoder)
@@ -264,7 +265,7 @@ def train_ldm(
         models={"ldm": model}, optimizers={"adamw": optimizer}, emas={"ldm": ema},
         generators={"noise": noise_gen},
         config_hash=config_hash({**_resume_relevant(config, cfg, institution), "init": init_hash,
-                                 **({"init_new_autoencoder": True} if init_new_autoencoder else {})}),
+                                 **new_autoencoder}),
     )
 
     # 4. Resume, or compute the scale factors over the whole training set.
@@ -339,7 +340,7 @@ def train_ldm(
             extra={"steps": state.step, "train_exams": len(train),
                    "autoencoder_hash": component_hash(autoencoder_dir, "autoencoder"),
                    "max_tokens": max_tokens, "steps_per_epoch": steps_per_epoch, "initialised_from": init_hash,
-                   **({"init_new_autoencoder": True} if init_new_autoencoder else {}),
+                   **new_autoencoder,
                    **run_record(ctx, cfg.batch_size, institution)},
         )
         save_model_dir(model_dir, {"ldm": sampling_model, "autoencoder": autoencoder_model}, config, metadata,
@@ -350,8 +351,8 @@ def train_ldm(
 
 def _initialise(model: CCELLALDM, init: str | Path, autoencoder_dir: str | Path, sequences, verbose: bool,
                 new_autoencoder: bool = False):
-    """Start ``model`` from the LDM weights of model directory ``init``; returns (its hash, its scale factors, None
-    when the scale factors must be computed afresh)."""
+    """Start ``model`` from the LDM weights of model directory ``init``; returns (its hash, its scale factors), the
+    factors None where they must be computed afresh (another autoencoder's latents)."""
     from ..models.ldm import load_grown_state
     from ..models.serialization import component_hash, load_model_dir, model_hash
 
