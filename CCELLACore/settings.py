@@ -79,6 +79,9 @@ class CCELLAConfig:
     def __post_init__(self) -> None:
         if not self.sequences or any(s not in SEQUENCES for s in self.sequences):
             raise ValueError(f"sequences must be a non-empty subset of {list(SEQUENCES)}, got {list(self.sequences)}")
+        if self.autoencoder.joint and self.autoencoder.in_channels != len(self.sequences):
+            raise ValueError(f"autoencoder.in_channels must be 1 (each sequence on its own) or {len(self.sequences)} "
+                             f"(the {len(self.sequences)} sequences in one pass), got {self.autoencoder.in_channels}")
         channels = self.autoencoder.latent_channels * len(self.sequences)
         for key, value in (("ldm.unet.in_channels", self.ldm.unet.in_channels),
                            ("ldm.unet.out_channels", self.ldm.unet.out_channels)):

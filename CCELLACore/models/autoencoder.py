@@ -47,8 +47,11 @@ class AutoencoderConfig:
 
     Args:
         spatial_dims: 3 (volumes).
-        in_channels / out_channels: 1 (each sequence is encoded on its own).
-        latent_channels: 4 latent channels per sequence.
+        in_channels / out_channels: 1: each sequence is encoded on its own (CCELLA++); or the number of sequences
+            (demo): the sequences of an exam are encoded together, as the channels of one volume, so each
+            sequence's latent can draw on the others (a lesion's ADC dip on its HighB brightness) and one training
+            step sees every sequence of its crops for the cost of one.
+        latent_channels: 4 latent channels per sequence (a joint autoencoder has ``4 x in_channels``).
         num_channels: feature channels per level; len(num_channels) - 1 halvings, so 4x downsampling per axis for 3
             levels. Each must be divisible by ``norm_num_groups``.
         num_res_blocks: residual blocks per level.
@@ -103,10 +106,23 @@ class AutoencoderConfig:
                              f"{self.norm_num_groups}")
         if min(self.in_channels, self.out_channels, self.latent_channels) <= 0:
             raise ValueError("in_channels, out_channels and latent_channels must be positive")
+        if self.in_channels != self.out_channels:
+            raise ValueError(f"in_channels {self.in_channels} and out_channels {self.out_channels} must be equal "
+                             "(1: each sequence on its own; the number of sequences: all in one pass)")
         if self.num_splits < 1:
             raise ValueError(f"num_splits must be >= 1, got {self.num_splits}")
         if not 0 <= self.dim_split < self.spatial_dims:
             raise ValueError(f"dim_split must be a spatial axis 0..{self.spatial_dims - 1}, got {self.dim_split}")
+
+    @property
+    def joint(self) -> bool:
+        """All sequences of an exam in one pass (``in_channels`` > 1) rather than each on its own."""
+        return self.in_channels > 1
+
+    @property
+    def total_latent_channels(self) -> int:
+        """The network's latent channels: ``latent_channels`` per sequence it encodes at once."""
+        return self.latent_channels * self.in_channels
 
     @property
     def downsample_factor(self) -> int:
@@ -142,7 +158,7 @@ def build_autoencoder(cfg: AutoencoderConfig, device: torch.device | str = "cpu"
         num_res_blocks=list(cfg.num_res_blocks),
         num_channels=list(cfg.num_channels),
         attention_levels=list(cfg.attention_levels),
-        latent_channels=cfg.latent_channels,
+        latent_channels=cfg.total_latent_channels,
         norm_num_groups=cfg.norm_num_groups,
         norm_eps=cfg.norm_eps,
         with_encoder_nonlocal_attn=cfg.with_encoder_nonlocal_attn,
@@ -224,13 +240,14 @@ class SequenceAutoencoder:
 
     @torch.no_grad()
     def encode(self, x: torch.Tensor) -> torch.Tensor:
-        """Posterior mean latent of single-sequence volumes.
+        """Posterior mean latent of single-sequence volumes (or of whole exams, for a joint autoencoder).
 
         Args:
-            x: (B, 1, X, Y, Z) intensities normalised to [0, 1]; X, Y, Z divisible by the downsampling factor.
+            x: (B, C, X, Y, Z) intensities normalised to [0, 1], C = ``in_channels`` (1; S for a joint autoencoder);
+                X, Y, Z divisible by the downsampling factor.
 
         Returns:
-            z: (B, 4, X/4, Y/4, Z/4) float32 (the paper's 3 levels).
+            z: (B, 4C, X/4, Y/4, Z/4) float32 (the paper's 3 levels).
         """
         self._check(x, self.in_channels, "image", self.factor)
         with autocast_context(self.device, self.dtype):
@@ -242,25 +259,35 @@ class SequenceAutoencoder:
         """Volumes from (unscaled) latents.
 
         Args:
-            z: (B, 4, x, y, z) latents (divide scaled diffusion latents by their scale factor first).
+            z: (B, 4C, x, y, z) latents (divide scaled diffusion latents by their scale factor first).
 
         Returns:
-            x: (B, 1, 4x, 4y, 4z) float32.
+            x: (B, C, 4x, 4y, 4z) float32, C = ``in_channels``.
         """
         self._check(z, self.latent_channels, "latent", 1)
         with autocast_context(self.device, self.dtype):
             x = self.model.decode(z.to(self.device, torch.float32))
         return x.float()
 
+    @property
+    def joint(self) -> bool:
+        """The autoencoder takes all sequences of an exam in one pass (``AutoencoderConfig.in_channels`` > 1)."""
+        return self.in_channels > 1
+
     def encode_sequences(self, x: torch.Tensor) -> torch.Tensor:
         """Encode each sequence separately and concatenate: (B, S, X, Y, Z) -> (B, 4S, X/4, Y/4, Z/4), channel group
-        ``4s..4s+3`` = sequence ``s`` (the reference's 12-channel [AxT2, HighB, ADC] latent)."""
+        ``4s..4s+3`` = sequence ``s`` (the reference's 12-channel [AxT2, HighB, ADC] latent). A joint autoencoder
+        encodes the S sequences together into the same shape (its channel groups are not one sequence's each)."""
+        if self.joint:
+            return self.encode(x)
         b, s = x.shape[:2]
         z = self.encode(x.reshape(b * s, 1, *x.shape[2:]))
         return z.reshape(b, s * z.shape[1], *z.shape[2:])
 
     def decode_sequences(self, z: torch.Tensor) -> torch.Tensor:
         """Inverse of :meth:`encode_sequences`: (B, 4S, x, y, z) -> (B, S, 4x, 4y, 4z)."""
+        if self.joint:
+            return self.decode(z)
         b, c = z.shape[:2]
         lc = self.latent_channels
         if c % lc:

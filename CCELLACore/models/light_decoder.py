@@ -50,7 +50,8 @@ class LightDecoderConfig:
     Args:
         num_channels: channels per level, finest first; as many levels as the full decoder (same upsampling).
         num_res_blocks: residual blocks per level.
-        latent_channels: latent channels per sequence (the full autoencoder's, 4).
+        latent_channels: the full autoencoder's latent channels (4 per sequence; 12 for a joint autoencoder).
+        out_channels: the full autoencoder's (1; the number of sequences for a joint autoencoder).
         norm_num_groups / norm_eps: GroupNorm settings; every channel count must be divisible by the groups.
         num_splits / dim_split: MAISI's split convolutions (1 = none, the fastest; more saves memory).
     """
@@ -58,6 +59,7 @@ class LightDecoderConfig:
     num_channels: tuple[int, ...] = (16, 32, 64)
     num_res_blocks: tuple[int, ...] = (2, 2, 2)
     latent_channels: int = 4
+    out_channels: int = 1
     norm_num_groups: int = 8
     norm_eps: float = 1e-6
     num_splits: int = 1
@@ -70,8 +72,8 @@ class LightDecoderConfig:
         if any(c <= 0 or c % self.norm_num_groups for c in self.num_channels):
             raise ValueError(f"num_channels {self.num_channels} must be divisible by norm_num_groups "
                              f"{self.norm_num_groups}")
-        if self.latent_channels < 1 or self.num_splits < 1:
-            raise ValueError("latent_channels and num_splits must be >= 1")
+        if min(self.latent_channels, self.out_channels, self.num_splits) < 1:
+            raise ValueError("latent_channels, out_channels and num_splits must be >= 1")
 
     @classmethod
     def from_teacher(cls, teacher: AutoencoderConfig, divisor: int = 4,
@@ -82,12 +84,13 @@ class LightDecoderConfig:
             raise ConfigError(f"light decoder channels {list(channels)} need {len(teacher.num_channels)} levels, as "
                               f"the full decoder {list(teacher.num_channels)} (same upsampling)", key="num_channels")
         return cls(num_channels=channels, num_res_blocks=tuple(teacher.num_res_blocks),
-                   latent_channels=teacher.latent_channels, norm_num_groups=min(8, math.gcd(*channels)),
+                   latent_channels=teacher.total_latent_channels, out_channels=teacher.out_channels, norm_num_groups=min(8, math.gcd(*channels)),
                    norm_eps=teacher.norm_eps)
 
 
 class LightDecoder(nn.Module):
-    """A narrow MAISI decoder: ``decode(z)`` (B, 4, x, y, z) unscaled latents -> (B, 1, 4x, 4y, 4z) volumes."""
+    """A narrow MAISI decoder: ``decode(z)`` (B, 4C, x, y, z) unscaled latents -> (B, C, 4x, 4y, 4z) volumes
+    (C = 1, or the sequences of a joint autoencoder)."""
 
     def __init__(self, config: LightDecoderConfig):
         super().__init__()
@@ -97,7 +100,7 @@ class LightDecoder(nn.Module):
         levels = len(config.num_channels)
         self.decoder = MaisiDecoder(
             spatial_dims=3, num_channels=list(config.num_channels), in_channels=config.latent_channels,
-            out_channels=1, num_res_blocks=list(config.num_res_blocks), norm_num_groups=config.norm_num_groups,
+            out_channels=config.out_channels, num_res_blocks=list(config.num_res_blocks), norm_num_groups=config.norm_num_groups,
             norm_eps=config.norm_eps, attention_levels=[False] * levels, num_splits=config.num_splits,
             dim_split=config.dim_split, norm_float16=False, print_info=False, save_mem=False,
             with_nonlocal_attn=False,
@@ -173,7 +176,7 @@ class SequenceCodec(SequenceAutoencoder):
 
     @torch.no_grad()
     def decode(self, z: torch.Tensor) -> torch.Tensor:
-        """(B, 4, x, y, z) unscaled latents -> (B, 1, 4x, 4y, 4z) float32 volumes."""
+        """(B, 4C, x, y, z) unscaled latents -> (B, C, 4x, 4y, 4z) float32 volumes (C = ``in_channels``)."""
         self._check(z, self.latent_channels, "latent", 1)
         network = self.light_decoder if self.light_decoder is not None else self.model.decode
         z = z.to(self.device, torch.float32)

@@ -171,7 +171,8 @@ class CCELLAPipeline:
     @torch.no_grad()
     def reconstruct(self, images: np.ndarray) -> np.ndarray:
         """Encode and decode normalised volumes with the model's autoencoder: (S', X, Y, Z) -> (S', X, Y, Z) in
-        [0, 1], any number S' of sequences (each is encoded on its own). Shows what the latent space can hold."""
+        [0, 1], any number S' of sequences when each is encoded on its own (a joint autoencoder takes exactly its own
+        S). Shows what the latent space can hold."""
         x = torch.as_tensor(np.asarray(images, np.float32))[None]
         z = self.autoencoder.encode_sequences(x)
         return self.autoencoder.decode_sequences(z)[0].clamp(0.0, 1.0).cpu().numpy()

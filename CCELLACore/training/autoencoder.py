@@ -143,8 +143,11 @@ def train_autoencoder(
         if train_studies and not any(name in s.masks for s in train_studies):
             raise ConfigError(f"{name}_weight {mask_weights[name]:g} needs {name} masks, and {manifest_path} lists "
                               f"none (column {name}_mask)", key=f"train_autoencoder.{name}_weight")
-    train, skipped = load_sequence_samples(train_studies, sequences, source=manifest_path, masks=tuple(mask_weights))
-    val, val_skipped = (load_sequence_samples(val_studies, sequences, grid_size=train.grid_size, source=manifest_path)
+    joint = ae_cfg.joint  # all sequences as the channels of one sample (the config checked they match)
+    train, skipped = load_sequence_samples(train_studies, sequences, source=manifest_path, masks=tuple(mask_weights),
+                                           joint=joint)
+    val, val_skipped = (load_sequence_samples(val_studies, sequences, grid_size=train.grid_size, source=manifest_path,
+                                              joint=joint)
                         if train is not None and val_studies else (None, []))
     if ctx.is_main:
         for case, reason in skipped + val_skipped:
@@ -154,8 +157,9 @@ def train_autoencoder(
                                   f"({len(train_studies)} listed, {len(skipped)} skipped)")
     patch = check_geometry(config, cfg, train.grid_size)
     if ctx.is_main:
-        logger.info("%d training samples (%d exams x %d sequences), %d validation samples, grid %s",
-                    len(train), train.n_exams, len(sequences), 0 if val is None else len(val), train.grid_size)
+        logger.info("%d training samples (%d exams x %s), %d validation samples, grid %s", len(train), train.n_exams,
+                    f"{len(sequences)} sequences as channels" if joint else f"{len(sequences)} sequences",
+                    0 if val is None else len(val), train.grid_size)
 
     # 2. Networks, optimisers, EMA (same seed on every rank; DDP also broadcasts rank 0's weights).
     torch.manual_seed(cfg.seed)
@@ -320,8 +324,10 @@ def _model_card(ae_cfg, cfg: AutoencoderTrainingConfig, metadata, val: dict[str,
     start = f" starting from {extra['initialised_from']}" if "initialised_from" in extra else ""
     return (
         "# CCELLA++ sequence autoencoder (MAISI architecture)\n\n"
-        f"- Encodes each of {', '.join(metadata.sequences)} separately to {ae_cfg.latent_channels} latent channels, "
-        f"{ae_cfg.downsample_factor}x smaller per axis; channels {list(ae_cfg.num_channels)}, residual blocks "
+        + (f"- Encodes {', '.join(metadata.sequences)} together (one volume, a channel per sequence) to "
+           f"{ae_cfg.total_latent_channels} latent channels, " if ae_cfg.joint else
+           f"- Encodes each of {', '.join(metadata.sequences)} separately to {ae_cfg.latent_channels} latent channels, ")
+        + f"{ae_cfg.downsample_factor}x smaller per axis; channels {list(ae_cfg.num_channels)}, residual blocks "
         f"{list(ae_cfg.num_res_blocks)}.\n"
         f"- Data grid: {metadata.grid_size} voxels at {metadata.spacing} mm, intensities normalised to [0, 1].\n"
         f"- Trained{start} for {extra['steps']} steps on {extra['train_samples']} volumes ({extra['train_exams']} "

@@ -1,5 +1,5 @@
-"""The autoencoder's training samples: every sequence of every preprocessed exam as one single-channel volume held
-in memory, and the samples, crops and flips of each optimiser step, derived from ``(seed, step)`` alone so that a
+"""The autoencoder's training samples: every sequence of every preprocessed exam as one single-channel volume (or,
+for a joint autoencoder, every exam as one volume with a channel per sequence) held in memory, and the samples, crops and flips of each optimiser step, derived from ``(seed, step)`` alone so that a
 killed run continues bit-identically (:mod:`CCELLACore.training.autoencoder`)."""
 
 from __future__ import annotations
@@ -24,11 +24,11 @@ _INTENSITY_RANGE = (-0.05, 1.05)
 
 @dataclass
 class SequenceSamples:
-    """Single-sequence volumes held in memory.
+    """Single-sequence volumes (or whole exams, one channel per sequence) held in memory.
 
     Attributes:
-        images: (N, 1, X, Y, Z) float32 intensities in [0, 1].
-        names: ``(case_id, sequence)`` of each sample.
+        images: (N, C, X, Y, Z) float32 intensities in [0, 1]; C = 1, or the number of sequences when joint.
+        names: ``(case_id, sequence)`` of each sample (``(case_id, "AxT2+HighB+ADC")`` when joint).
         spacing: voxel spacing (mm) of the grid shared by all samples.
         masks: name -> (N, 1, X, Y, Z) bool, each sample's exam mask (``load_sequence_samples(..., masks=...)``).
     """
@@ -51,7 +51,7 @@ class SequenceSamples:
 
 
 def load_sequence_samples(studies, sequences: tuple[str, ...], *, grid_size: tuple[int, ...] | None = None,
-                          source: str | Path = "manifest", masks: tuple[str, ...] = ()
+                          source: str | Path = "manifest", masks: tuple[str, ...] = (), joint: bool = False
                           ) -> tuple[SequenceSamples | None, list[tuple[str, str]]]:
     """Read every sequence of every study into one tensor; exams that cannot be used are skipped, not fatal.
 
@@ -62,6 +62,7 @@ def load_sequence_samples(studies, sequences: tuple[str, ...], *, grid_size: tup
         source: the manifest, for error messages.
         masks: also read these masks of each exam (``SequenceSamples.masks``): an exam without its ``gland`` mask
             is skipped, one without a ``lesion`` mask has none (all false); one on another grid is skipped.
+        joint: one sample per exam with its sequences as channels (a joint autoencoder) instead of one per sequence.
 
     Returns:
         ``(samples or None when no exam was usable, [(case_id, reason)] of the skipped exams)``; the reasons name the
@@ -100,21 +101,24 @@ def load_sequence_samples(studies, sequences: tuple[str, ...], *, grid_size: tup
         if wrong:
             skipped.append((study.case_id, f"{wrong[0]} differs from the images' {shape}"))
             continue
+        volumes = []
         for seq in sequences:
             array = np.asarray(exam.volumes[seq].array, dtype=np.float32)
             lo, hi = float(array.min()), float(array.max())
             if lo < _INTENSITY_RANGE[0] or hi > _INTENSITY_RANGE[1]:
                 raise DataError(study.case_id, f"{study.images[seq].name}: intensities {lo:.3g}..{hi:.3g} are not "
                                 f"normalised to [0, 1]; {source} must come from `ccella preprocess --target ldm`")
-            arrays.append(array)
-            names.append((study.case_id, seq))
-            for name in masks:
-                mask_arrays[name].append(read[name] if name in read else np.zeros(shape, bool))
+            volumes.append(array)
+        samples = [np.stack(volumes)] if joint else [v[None] for v in volumes]
+        arrays.extend(samples)
+        names.extend([(study.case_id, "+".join(sequences))] if joint else [(study.case_id, s) for s in sequences])
+        for name in masks:
+            mask_arrays[name].extend([read[name] if name in read else np.zeros(shape, bool)] * len(samples))
         if spacing is None:
             spacing = tuple(float(s) for s in exam.reference.spacing)  # type: ignore[assignment]
     if not arrays:
         return None, skipped
-    images = torch.from_numpy(np.stack(arrays)[:, None]).clamp_(0.0, 1.0)
+    images = torch.from_numpy(np.stack(arrays)).clamp_(0.0, 1.0)
     tensors = {name: torch.from_numpy(np.stack(arrays)[:, None]) for name, arrays in mask_arrays.items()}
     return SequenceSamples(images, names, spacing, tensors), skipped  # type: ignore[arg-type]
 
@@ -154,7 +158,7 @@ def sample_batch(n: int, step: int, batch_size: int, ctx: DistributedContext, se
 
 def gather_crops(images: torch.Tensor, index: torch.Tensor, corners: torch.Tensor, flips: torch.Tensor,
                  patch: tuple[int, int, int] | None) -> torch.Tensor:
-    """(B, 1, *patch) crops of ``images`` (N, 1, X, Y, Z), flipped along X where ``flips``."""
+    """(B, C, *patch) crops of ``images`` (N, C, X, Y, Z), flipped along X where ``flips``."""
     out = []
     for i, corner, flipped in zip(index.tolist(), corners.tolist(), flips.tolist()):
         x = images[i]

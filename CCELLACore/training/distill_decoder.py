@@ -82,13 +82,15 @@ def _load_teacher(model_dir: Path) -> tuple[torch.nn.Module, AutoencoderConfig, 
     return teacher.eval(), ae_cfg, metadata
 
 
-def _latents(teacher, manifest_path: Path, sequences: tuple[str, ...], device, dtype, seed: int, held_out: float):
-    """Posterior-mean latents (N, 4, x, y, z) of every sequence of every usable exam, split by case."""
+def _latents(teacher, manifest_path: Path, sequences: tuple[str, ...], device, dtype, seed: int, held_out: float,
+             joint: bool = False):
+    """Posterior-mean latents (N, 4C, x, y, z) of every sequence (C = 1) of every usable exam, or of every exam
+    (C = its sequences, a joint autoencoder), split by case."""
     from ..data.manifest import read_manifest
     from .autoencoder_data import load_sequence_samples
 
     manifest = read_manifest(manifest_path)
-    samples, skipped = load_sequence_samples(manifest.studies, sequences, source=manifest_path)
+    samples, skipped = load_sequence_samples(manifest.studies, sequences, source=manifest_path, joint=joint)
     for case, reason in skipped:
         logger.warning("distill-decoder: skipped case %s: %s", case, reason)
     if samples is None or samples.n_exams < 2:
@@ -169,7 +171,7 @@ def distill_decoder(model_dir: str | Path, manifest_path: str | Path, work_dir: 
     light_cfg = LightDecoderConfig.from_teacher(ae_cfg, cfg.channel_divisor, cfg.num_channels)
     sequences = tuple(metadata.get("sequences", ("AxT2", "HighB", "ADC")))
     train, held, n_train, n_held = _latents(teacher, Path(manifest_path), sequences, dev, dtype, cfg.seed,
-                                            cfg.held_out)
+                                            cfg.held_out, joint=ae_cfg.joint)
     logger.info("distill-decoder on %s: student %s from teacher %s; %d training / %d held-out exams",
                 describe_device(dev), list(light_cfg.num_channels), list(ae_cfg.num_channels), n_train, n_held)
     torch.manual_seed(cfg.seed)
