@@ -239,7 +239,10 @@ def _real_exams(pipe: Any, settings: HonourSettings, config: PreprocessConfig, c
                                    references=references, seed=settings.validation_seed, progress=progress)
     validity = detector_validity(cases, config, atlas, settings, highb_reference=highb_reference,
                                  thresholds=thresholds, reconstruct=pipe.reconstruct, references=references,
-                                 seed=settings.seed, progress=progress)
+                                 seed=settings.seed, progress=progress,
+                                 # a joint autoencoder encodes the exam's sequences together: give it all of them
+                                 reconstruct_sequences=tuple(pipe.sequences) if pipe.autoencoder.joint
+                                 else ("HighB", "ADC"))
     return atlas, references, validation, validity
 
 

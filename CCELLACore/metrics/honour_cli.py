@@ -8,7 +8,7 @@ into ``<model>/README.md`` between ``<!-- honour:start -->`` and ``<!-- honour:e
 
 ``--ceiling-only`` judges gates 1 and 2 alone (real exams, and real exams through the autoencoder; nothing is
 generated) and writes ``<out>/ceiling.json``; with ``--autoencoder DIR`` (a ``ccella train-autoencoder`` model folder
-of the model's architecture) that autoencoder stands in for the model's, and ``--adc-window`` gives the ADC window its
+of any architecture on the model's grid) that autoencoder stands in for the model's, and ``--adc-window`` gives the ADC window its
 training volumes were normalised with: a candidate autoencoder is judged before any diffusion model is trained on its
 latents.
 """
@@ -63,8 +63,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="gates 1 and 2 only (real exams, also through the autoencoder; nothing generated): "
                              "<out>/ceiling.json")
     parser.add_argument("--autoencoder", type=Path, default=None,
-                        help="with --ceiling-only: judge this autoencoder model folder (train-autoencoder output, the "
-                             "model's architecture) instead of the model's")
+                        help="with --ceiling-only: judge this autoencoder model folder (train-autoencoder output, any "
+                             "architecture, the model's grid) instead of the model's")
     parser.add_argument("--adc-window", type=float, nargs=2, metavar=("LOW", "HIGH"), default=None,
                         help="with --ceiling-only: the ADC window (10^-6 mm^2/s) of the normalisation the judged "
                              "autoencoder was trained with (default: the model's preprocess.ldm.adc_window)")
@@ -121,15 +121,18 @@ def _run_ceiling(args: argparse.Namespace, pipe, settings: HonourSettings) -> in
             raise CCELLAError(f"--adc-window: {exc}") from None
     if args.autoencoder is not None:
         from ..models.autoencoder import load_autoencoder_dir
+        from ..models.light_decoder import SequenceCodec
 
         if pipe.autoencoder.decoder_name != "full":
             raise CCELLAError("--autoencoder judges that autoencoder's own decoder: give --decoder full")
-        candidate, _ = load_autoencoder_dir(args.autoencoder)
-        try:
-            pipe.autoencoder.model.load_state_dict(candidate.state_dict())
-        except RuntimeError as exc:
-            raise CCELLAError(f"{args.autoencoder}: not the architecture of {args.model}'s autoencoder "
-                              f"({str(exc).splitlines()[0]})") from None
+        candidate, metadata = load_autoencoder_dir(args.autoencoder, pipe.device)
+        grid, own = tuple(metadata.get("grid_size") or ()), tuple(pipe.metadata["grid_size"])
+        if grid != own:
+            raise CCELLAError(f"{args.autoencoder}: trained on the grid {grid}, not on the model's {own}")
+        # Its own architecture (a joint or wider candidate too): only real exams pass through it, no latent of it
+        # reaches the diffusion model.
+        pipe.autoencoder = SequenceCodec(candidate, pipe.device, pipe.autoencoder.dtype,
+                                         tiling=pipe.autoencoder.tiling)
     result = evaluate_ceiling(pipe, settings, progress=not args.no_progress, preprocess=preprocess)
     if args.autoencoder is not None:
         from ..models.serialization import component_hash

@@ -40,16 +40,23 @@ def real_exam_on_grid(index: int, seed: int, config: PreprocessConfig, settings:
 
 
 def model_representation(exam: Exam, config: PreprocessConfig, highb_reference: float = 1.0,
-                         reconstruct: Callable[[np.ndarray], np.ndarray] | None = None) -> Exam:
+                         reconstruct: Callable[[np.ndarray], np.ndarray] | None = None,
+                         reconstruct_sequences: tuple[str, ...] = ("HighB", "ADC")) -> Exam:
     """HighB/ADC of a preprocessed (unnormalised) exam as a generated exam shows them: normalised as in training
     (which clips HighB at its 99.5th percentile and ADC to 0..3000), optionally passed through ``reconstruct``
-    (normalised (2, X, Y, Z) HighB/ADC -> the same, e.g. the model's autoencoder), then mapped back as the pipeline
-    maps outputs."""
+    (normalised (S, X, Y, Z) volumes of ``reconstruct_sequences`` -> the same, e.g. the model's autoencoder; a
+    joint autoencoder needs all of an exam's sequences), then mapped back as the pipeline maps outputs."""
     highb = normalize_volume(exam.volumes["HighB"], "HighB", config)
     adc = normalize_volume(exam.volumes["ADC"], "ADC", config)
     arrays = np.stack([highb.array, adc.array]).astype(np.float32)
     if reconstruct is not None:
-        arrays = np.asarray(reconstruct(arrays), np.float32)
+        if not {"HighB", "ADC"} <= set(reconstruct_sequences):
+            raise ValueError(f"reconstruct_sequences {reconstruct_sequences} must hold HighB and ADC")
+        given = {"HighB": highb.array, "ADC": adc.array}
+        stack = np.stack([given[name] if name in given else normalize_volume(exam.volumes[name], name, config).array
+                          for name in reconstruct_sequences]).astype(np.float32)
+        out = np.asarray(reconstruct(stack), np.float32)
+        arrays = out[[reconstruct_sequences.index("HighB"), reconstruct_sequences.index("ADC")]]
     return Exam(volumes={
         "HighB": highb.with_array(denormalize_array(arrays[0], "HighB", highb_reference)),
         "ADC": adc.with_array(denormalize_array(arrays[1], "ADC", adc_window=tuple(config.adc_window))),
@@ -163,11 +170,13 @@ def detector_validity(
     references: dict[str, np.ndarray] | None = None,
     seed: int | None = None,
     progress: bool = False,
+    reconstruct_sequences: tuple[str, ...] = ("HighB", "ADC"),
 ) -> dict[str, Any]:
     """The detector on the REAL phantom exams of ``cases`` (seed ``seed``, default ``settings.seed``), on
     ``config.grid``; with ``references`` (:func:`grid_reference`) also the anatomy check on them.
 
-    ``reconstruct`` (normalised (2, X, Y, Z) HighB/ADC -> reconstruction) adds the ``autoencoder`` representation.
+    ``reconstruct`` (normalised (S, X, Y, Z) volumes of ``reconstruct_sequences`` -> reconstruction) adds the
+    ``autoencoder`` representation.
 
     Returns:
         ``{"records": [...], "summary": {"<representation>_<gland>": {group: {"lesion_found": rate}, "side_correct":
@@ -184,7 +193,8 @@ def detector_validity(
         raw = real_exam_on_grid(case.index, seed, config, settings)
         views = {"physical": raw, "model": model_representation(raw, config, highb_reference)}
         if reconstruct is not None:
-            views["autoencoder"] = model_representation(raw, config, highb_reference, reconstruct)
+            views["autoencoder"] = model_representation(raw, config, highb_reference, reconstruct,
+                                                        reconstruct_sequences)
         glands = {"atlas": atlas, "own": raw.masks["gland"].array > 0}
         if references is not None:  # judged as training sees them (normalised: raw AxT2 has a long fluid tail)
             normalised = Exam(volumes={name: normalize_volume(v, name, config) for name, v in raw.volumes.items()})

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from CCELLACore.errors import CCELLAError
 from CCELLACore.metrics import honour_cli
@@ -221,6 +222,16 @@ def test_autoencoder_representation_is_the_model_representation_through_reconstr
     same = model_representation(raw, config, 2.0, reconstruct=lambda a: a.copy())
     for name in ("HighB", "ADC"):
         np.testing.assert_array_equal(same.volumes[name].array, plain.volumes[name].array)
+    # A joint autoencoder gets all three sequences, in the order asked for; HighB and ADC are read back from it.
+    given = []
+    joint = model_representation(raw, config, 2.0, reconstruct=lambda a: given.append(a.shape) or a.copy(),
+                                 reconstruct_sequences=("AxT2", "HighB", "ADC"))
+    assert given == [(3, *raw.volumes["AxT2"].shape)]
+    for name in ("HighB", "ADC"):
+        np.testing.assert_array_equal(joint.volumes[name].array, plain.volumes[name].array)
+    swapped = model_representation(raw, config, 2.0, reconstruct=lambda a: a[[0, 2, 1]].copy(),
+                                   reconstruct_sequences=("AxT2", "HighB", "ADC"))
+    assert not np.array_equal(swapped.volumes["ADC"].array, plain.volumes["ADC"].array)  # channels are not guessed
     blurred = model_representation(raw, config, 2.0, reconstruct=lambda a: ndimage.uniform_filter(a, (1, 5, 5, 5)))
     lesion = raw.masks["lesion"].array > 0
     assert blurred.volumes["ADC"].array[lesion].mean() > plain.volumes["ADC"].array[lesion].mean() + 50
@@ -286,7 +297,8 @@ def test_anatomy_check_passes_real_exams_and_fails_noise():
 
 def test_ceiling_only_judges_gates_1_and_2_and_a_candidate_autoencoder(tiny_model, tmp_path):
     """``--ceiling-only``: real exams and real exams through an autoencoder, nothing generated; ``--autoencoder``
-    puts a candidate in the model's place (the same weights give the same figures; another architecture is named)."""
+    puts a candidate in the model's place (the same weights give the same figures; another architecture is judged
+    too; another grid is named)."""
     base = ["--model", str(tiny_model), "--n", "4", "--atlas-n", "4", "--device", "cpu", "--no-progress",
             "--ceiling-only", *TINY_PHANTOM]
     own = tmp_path / "own"
@@ -314,11 +326,22 @@ def test_ceiling_only_judges_gates_1_and_2_and_a_candidate_autoencoder(tiny_mode
     assert _run_cli([*base, "--out", str(window), "--adc-window", "0", "2000"]) == 0
     assert json.loads((window / "ceiling.json").read_text(encoding="utf-8"))["settings"]["adc_window"] == [0, 2000]
 
+    # Another architecture (a joint autoencoder: the three sequences in one pass) on the model's grid.
+    joint = tmp_path / "ae_joint"
+    cfg = load_config("tiny", ["autoencoder.in_channels=3", "autoencoder.out_channels=3"]).autoencoder
+    grid = json.loads((tiny_model / "model.json").read_text(encoding="utf-8"))["grid_size"]
+    torch.manual_seed(0)
+    save_model_dir(joint, {"autoencoder": build_autoencoder(cfg)}, {"autoencoder": cfg},
+                   ModelMetadata(grid_size=tuple(grid), spacing=(4.0, 4.0, 4.0)), "a joint autoencoder")
+    assert _run_cli([*base, "--out", str(tmp_path / "joint"), "--autoencoder", str(joint)]) == 0
+    judged = json.loads((tmp_path / "joint" / "ceiling.json").read_text(encoding="utf-8"))
+    assert judged["settings"]["autoencoder"]["hash"] == component_hash(joint, "autoencoder")
+    assert judged["detector_validity"]["records"] != result["detector_validity"]["records"]  # an untrained one
     other = tmp_path / "ae_demo"
     cfg = load_config("demo").autoencoder
     save_model_dir(other, {"autoencoder": build_autoencoder(cfg)}, {"autoencoder": cfg},
-                   ModelMetadata(grid_size=(64, 64, 32), spacing=(1.0, 1.0, 1.5)), "another architecture")
-    with pytest.raises(CCELLAError, match=f"{other}: not the architecture of"):
+                   ModelMetadata(grid_size=(64, 64, 32), spacing=(1.0, 1.0, 1.5)), "another grid")
+    with pytest.raises(CCELLAError, match=f"{other}: trained on the grid \\(64, 64, 32\\), not on the model's"):
         _run_cli([*base, "--out", str(tmp_path / "x"), "--autoencoder", str(other)])
     with pytest.raises(CCELLAError, match="--adc-window: adc_window must be"):
         _run_cli([*base, "--out", str(tmp_path / "x"), "--adc-window", "2000", "1000"])
