@@ -1,11 +1,14 @@
 """Crashes (RELIABILITY.md): train-ldm killed with SIGKILL between two checkpoints resumes to exactly the result of
-the uninterrupted run; a full disk (the process's file-size limit) during a write leaves the earlier files intact."""
+the uninterrupted run; a full disk (the process's file-size limit, and a real file system filled up) during a write
+leaves the earlier files intact."""
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -14,6 +17,7 @@ from pathlib import Path
 from typing import Callable, TypeVar
 
 import numpy as np
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -149,8 +153,9 @@ load_checkpoint(folder / "ckpt", state)
 with torch.no_grad():
     state.models["net"].weight.add_(1.0)
 state.step += 1
-signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG, as on a full disk
-resource.setrlimit(resource.RLIMIT_FSIZE, (3000, resource.RLIM_INFINITY))
+if sys.argv[2] == "limit":  # a write past the limit fails with EFBIG, as on a full disk
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (3000, resource.RLIM_INFINITY))
 errors = {}
 for name, write in (("checkpoint", lambda: save_checkpoint(folder / "ckpt", state)),
                     ("volume", lambda: write_volume(Volume(np.ones((32, 32, 16), np.float32)), folder / "t2.nii")),
@@ -164,24 +169,50 @@ print(json.dumps(errors))
 """
 
 
-def test_full_disk_during_writes_keeps_the_previous_files(tmp_path):
-    state = _job(1)
-    state.step = 1
-    save_checkpoint(tmp_path / "ckpt", state)
-    write_volume(Volume(np.zeros((8, 8, 4), np.float32)), tmp_path / "t2.nii")
-    (tmp_path / "notes.txt").write_text("earlier", encoding="utf-8")
-    before = snapshot(tmp_path)
-    done = subprocess.run([sys.executable, "-c", FULL_DISK, str(tmp_path)], env=ENV,
-                          capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
-    errors = json.loads(done.stdout.strip().splitlines()[-1])
-    assert errors["checkpoint"].startswith(f"CCELLAError: {tmp_path / 'ckpt'}: cannot write the checkpoint")
-    assert errors["checkpoint"].endswith("disk full?); the last complete checkpoint is unchanged")
-    # ITK's NIfTI writer only prints a short write; the check before the rename turns it into an error.
-    assert errors["volume"].startswith(f"VolumeError: {tmp_path / 't2.nii'}: cannot write image (incomplete file")
-    assert "File too large" in errors["text"]
-    assert snapshot(tmp_path) == before  # no new, partial or temporary file anywhere
-    again = _job(5)
-    load_checkpoint(tmp_path / "ckpt", again)
-    assert again.step == 1 and torch.equal(again.models["net"].weight, state.models["net"].weight)
-    assert np.array_equal(read_volume(tmp_path / "t2.nii").array, np.zeros((8, 8, 4), np.float32))
+@contextlib.contextmanager
+def full_file_system(parent: Path):
+    """A real file system with no space left: a 1 MiB tmpfs mounted under ``parent``, filled by the caller.
+    Skips where this process may not mount (no root / CAP_SYS_ADMIN), saying so."""
+    where = parent / "tmpfs"
+    where.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(where)], capture_output=True,
+                             text=True) if shutil.which("mount") else None
+    if mounted is None or mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here ({mounted.stderr.strip() if mounted else 'no mount command'}); the "
+                    "file-size-limit variant covers the same writes")
+    try:
+        yield where
+    finally:
+        subprocess.run(["umount", "-l", str(where)], check=False)
+
+
+@pytest.mark.parametrize("disk", ["limit", "tmpfs"])
+def test_full_disk_during_writes_keeps_the_previous_files(tmp_path, disk):
+    """``limit``: the process's file-size limit (EFBIG, "File too large"), runs anywhere; ``tmpfs``: a real file
+    system filled to its last byte (ENOSPC, "No space left on device")."""
+    with contextlib.ExitStack() as stack:
+        folder = stack.enter_context(full_file_system(tmp_path)) if disk == "tmpfs" else tmp_path
+        state = _job(1)
+        state.step = 1
+        save_checkpoint(folder / "ckpt", state)
+        write_volume(Volume(np.zeros((8, 8, 4), np.float32)), folder / "t2.nii")
+        (folder / "notes.txt").write_text("earlier", encoding="utf-8")
+        if disk == "tmpfs":
+            with open(folder / "filler", "wb", buffering=0) as filler, pytest.raises(OSError, match="No space left"):
+                while True:
+                    filler.write(b"\0" * 4096)
+        before = snapshot(folder)
+        done = subprocess.run([sys.executable, "-c", FULL_DISK, str(folder), disk], env=ENV,
+                              capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-3000:]
+        errors = json.loads(done.stdout.strip().splitlines()[-1])
+        assert errors["checkpoint"].startswith(f"CCELLAError: {folder / 'ckpt'}: cannot write the checkpoint")
+        assert errors["checkpoint"].endswith("disk full?); the last complete checkpoint is unchanged")
+        # ITK's NIfTI writer only prints a short write; the check before the rename turns it into an error.
+        assert errors["volume"].startswith(f"VolumeError: {folder / 't2.nii'}: cannot write image")
+        assert ("File too large" if disk == "limit" else "No space left on device") in errors["text"]
+        assert snapshot(folder) == before  # no new, partial or temporary file anywhere
+        again = _job(5)
+        load_checkpoint(folder / "ckpt", again)
+        assert again.step == 1 and torch.equal(again.models["net"].weight, state.models["net"].weight)
+        assert np.array_equal(read_volume(folder / "t2.nii").array, np.zeros((8, 8, 4), np.float32))

@@ -1,5 +1,6 @@
 """Privacy (RELIABILITY.md): a full run (preprocess -> train-ldm -> synthesize) with distinctive reports and patient
-ids writes none of them to stdout, stderr, the log or any log, metrics or summary file; synthetic outputs carry the
+ids, at ``--verbose`` (DEBUG, ours and every library's), writes none of them to stdout, stderr, the log or any log,
+metrics or summary file; synthetic outputs carry the
 synthetic mark and none of the source's identifiers."""
 
 from __future__ import annotations
@@ -24,19 +25,23 @@ def test_full_run_logs_no_report_text_or_patient_id(data, tmp_path, capfd, caplo
     secrets = [s.patient_id for s in studies] + [f"Quetzalmarker{k:03d}" for k in range(len(studies))]
     secrets += [s.report[:40] for s in source if s.report]  # the phantom report text itself
     out = tmp_path  # the raw manifest points to the phantom images where they are: only ids and reports are new
+    # One corrupt image: the skipped case is reported (by case id and file), its report and patient id are not.
+    (out / "corrupt.nii.gz").write_bytes(b"not a volume")
+    studies[0] = replace(studies[0], images={**studies[0].images, "AxT2": out / "corrupt.nii.gz"})
     raw = write_manifest(studies, out / "raw" / "manifest.csv")
-    with caplog.at_level(logging.INFO):
-        assert main(["preprocess", "--manifest", str(raw), "--config", "tiny", "--target", "ldm", "--out",
-                     str(out / "prep"), "--workers", "1", "--no-progress"]) == 0
-        assert main(["train-ldm", "--config", "tiny", "--manifest", str(out / "prep" / "manifest.csv"),
+    with caplog.at_level(logging.DEBUG):  # what --verbose shows: the default (INFO) shows a part of it
+        assert main(["-v", "preprocess", "--manifest", str(raw), "--config", "tiny", "--target", "ldm", "--out",
+                     str(out / "prep"), "--workers", "1", "--no-progress"]) == 1  # 1: a case was skipped
+        assert main(["-v", "train-ldm", "--config", "tiny", "--manifest", str(out / "prep" / "manifest.csv"),
                      "--autoencoder", str(data / "ae"), "--out", str(out / "run"), "--max-steps", "2",
                      "--device", "cpu", "--no-progress"]) == 0
-        assert main(["synthesize", "--manifest", str(out / "prep" / "manifest.csv"), "--model",
+        assert main(["-v", "synthesize", "--manifest", str(out / "prep" / "manifest.csv"), "--model",
                      str(out / "run" / "model"), "--out", str(out / "synth"), "--splits", "test", "--steps", "1",
                      "--device", "cpu", "--no-progress"]) == 0
     printed = capfd.readouterr()
     said = printed.out + printed.err + caplog.text
     assert "synthetic exams" in printed.out and "train-ldm" in said  # the jobs did speak
+    assert f"skipped case {studies[0].case_id}" in said and "corrupt.nii.gz" in said
     for secret in secrets:
         assert secret not in said, secret
 
