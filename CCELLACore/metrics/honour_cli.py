@@ -8,9 +8,9 @@ into ``<model>/README.md`` between ``<!-- honour:start -->`` and ``<!-- honour:e
 
 ``--ceiling-only`` judges gates 1 and 2 alone (real exams, and real exams through the autoencoder; nothing is
 generated) and writes ``<out>/ceiling.json``; with ``--autoencoder DIR`` (a ``ccella train-autoencoder`` model folder
-of any architecture on the model's grid) that autoencoder stands in for the model's, and ``--adc-window`` gives the ADC window its
-training volumes were normalised with: a candidate autoencoder is judged before any diffusion model is trained on its
-latents.
+of any architecture on the model's grid) that autoencoder stands in for the model's, and ``--adc-window`` gives the
+ADC window its training volumes were normalised with: a candidate autoencoder is judged before any diffusion model is
+trained on its latents.
 """
 
 from __future__ import annotations

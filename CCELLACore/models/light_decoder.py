@@ -84,7 +84,8 @@ class LightDecoderConfig:
             raise ConfigError(f"light decoder channels {list(channels)} need {len(teacher.num_channels)} levels, as "
                               f"the full decoder {list(teacher.num_channels)} (same upsampling)", key="num_channels")
         return cls(num_channels=channels, num_res_blocks=tuple(teacher.num_res_blocks),
-                   latent_channels=teacher.total_latent_channels, out_channels=teacher.out_channels, norm_num_groups=min(8, math.gcd(*channels)),
+                   latent_channels=teacher.total_latent_channels, out_channels=teacher.out_channels,
+                   norm_num_groups=min(8, math.gcd(*channels)),
                    norm_eps=teacher.norm_eps)
 
 
@@ -100,7 +101,8 @@ class LightDecoder(nn.Module):
         levels = len(config.num_channels)
         self.decoder = MaisiDecoder(
             spatial_dims=3, num_channels=list(config.num_channels), in_channels=config.latent_channels,
-            out_channels=config.out_channels, num_res_blocks=list(config.num_res_blocks), norm_num_groups=config.norm_num_groups,
+            out_channels=config.out_channels, num_res_blocks=list(config.num_res_blocks),
+            norm_num_groups=config.norm_num_groups,
             norm_eps=config.norm_eps, attention_levels=[False] * levels, num_splits=config.num_splits,
             dim_split=config.dim_split, norm_float16=False, print_info=False, save_mem=False,
             with_nonlocal_attn=False,

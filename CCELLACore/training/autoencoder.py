@@ -326,7 +326,8 @@ def _model_card(ae_cfg, cfg: AutoencoderTrainingConfig, metadata, val: dict[str,
         "# CCELLA++ sequence autoencoder (MAISI architecture)\n\n"
         + (f"- Encodes {', '.join(metadata.sequences)} together (one volume, a channel per sequence) to "
            f"{ae_cfg.total_latent_channels} latent channels, " if ae_cfg.joint else
-           f"- Encodes each of {', '.join(metadata.sequences)} separately to {ae_cfg.latent_channels} latent channels, ")
+           f"- Encodes each of {', '.join(metadata.sequences)} separately to {ae_cfg.latent_channels} latent "
+           "channels, ")
         + f"{ae_cfg.downsample_factor}x smaller per axis; channels {list(ae_cfg.num_channels)}, residual blocks "
         f"{list(ae_cfg.num_res_blocks)}.\n"
         f"- Data grid: {metadata.grid_size} voxels at {metadata.spacing} mm, intensities normalised to [0, 1].\n"

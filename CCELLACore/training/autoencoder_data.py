@@ -1,6 +1,7 @@
 """The autoencoder's training samples: every sequence of every preprocessed exam as one single-channel volume (or,
-for a joint autoencoder, every exam as one volume with a channel per sequence) held in memory, and the samples, crops and flips of each optimiser step, derived from ``(seed, step)`` alone so that a
-killed run continues bit-identically (:mod:`CCELLACore.training.autoencoder`)."""
+for a joint autoencoder, every exam as one volume with a channel per sequence) held in memory, and the samples,
+crops and flips of each optimiser step, derived from ``(seed, step)`` alone so that a killed run continues
+bit-identically (:mod:`CCELLACore.training.autoencoder`)."""
 
 from __future__ import annotations
 
