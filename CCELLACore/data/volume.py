@@ -313,12 +313,7 @@ def write_volume(volume: Volume, path: str | Path, *, compress: bool = True) -> 
             sitk.WriteImage(image, str(tmp), useCompression=compress)
             # ITK's NIfTI writer only prints a short write (full disk, file size limit): check before the rename
             # that the file reads back whole; on a really full disk the file can be left empty, header and all.
-            short = "nothing written" if tmp.stat().st_size == 0 else None
-            if short is None:
-                try:
-                    read_header(tmp)
-                except VolumeError as exc:
-                    short = exc.reason
+            short = "nothing written" if tmp.stat().st_size == 0 else size_problem(tmp)
             if short:
                 short = short.removeprefix("unreadable image (").removesuffix(")")
                 raise VolumeError(path, f"cannot write image (incomplete file, {short}; disk full?)")
