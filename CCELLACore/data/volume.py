@@ -311,8 +311,8 @@ def write_volume(volume: Volume, path: str | Path, *, compress: bool = True) -> 
     try:
         with atomic_path(path, suffix=suffix) as tmp:
             sitk.WriteImage(image, str(tmp), useCompression=compress)
-            # ITK's NIfTI writer only prints a short write (full disk, file size limit): check before the rename
-            # that the file reads back whole; on a really full disk the file can be left empty, header and all.
+            # ITK's NIfTI writer only prints a short write (full disk, file size limit): check the size before the
+            # rename; on a really full disk the file can be left empty, header and all.
             short = "nothing written" if tmp.stat().st_size == 0 else size_problem(tmp)
             if short:
                 short = short.removeprefix("unreadable image (").removesuffix(")")
