@@ -11,6 +11,7 @@ from dataclasses import replace
 
 from CCELLACore.cli import main
 from CCELLACore.data.manifest import read_manifest, write_manifest
+from CCELLACore.data.preprocess import case_folder_name
 from CCELLACore.data.volume import SYNTHETIC_KEY, read_metadata
 
 # Data files hold reports and identifiers by design (the data set itself, encoded reports, weights, images).
@@ -28,6 +29,10 @@ def test_full_run_logs_no_report_text_or_patient_id(data, tmp_path, capfd, caplo
     # One corrupt image: the skipped case is reported (by case id and file), its report and patient id are not.
     (out / "corrupt.nii.gz").write_bytes(b"not a volume")
     studies[0] = replace(studies[0], images={**studies[0].images, "AxT2": out / "corrupt.nii.gz"})
+    # One unexpected (non-data) failure: a file where the case's output folder goes; its DEBUG traceback is logged.
+    blocked = next(s for s in studies[1:] if s.split != "test")
+    (out / "prep" / "cases").mkdir(parents=True)
+    (out / "prep" / "cases" / case_folder_name(blocked.case_id)).write_bytes(b"")
     raw = write_manifest(studies, out / "raw" / "manifest.csv")
     with caplog.at_level(logging.DEBUG):  # what --verbose shows: the default (INFO) shows a part of it
         assert main(["-v", "preprocess", "--manifest", str(raw), "--config", "tiny", "--target", "ldm", "--out",
@@ -42,6 +47,8 @@ def test_full_run_logs_no_report_text_or_patient_id(data, tmp_path, capfd, caplo
     said = printed.out + printed.err + caplog.text
     assert "synthetic exams" in printed.out and "train-ldm" in said  # the jobs did speak
     assert f"skipped case {studies[0].case_id}" in said and "corrupt.nii.gz" in said
+    assert f"case {blocked.case_id} failed" in caplog.text and "Traceback" in caplog.text  # the DEBUG record
+    assert f"skipped case {blocked.case_id}: unexpected" in said
     for secret in secrets:
         assert secret not in said, secret
 
