@@ -116,6 +116,7 @@ def honour_markdown(result: dict[str, Any]) -> str:
         phantom_args += " --phantom-size " + " ".join(str(v) for v in s["phantom_size"])
     if s.get("phantom_spacing"):
         phantom_args += " --phantom-spacing " + " ".join(f"{v:g}" for v in s["phantom_spacing"])
+    precision = {"float32": " --precision fp32", "bfloat16": " --precision bf16"}.get(s.get("precision", ""), "")
     lines += [
         "",
         "| Setting | Value |",
@@ -134,14 +135,15 @@ def honour_markdown(result: dict[str, Any]) -> str:
         f"{' x '.join(f'{v:g}' for v in s['grid_spacing'])} mm |",
         f"| Detector thresholds | HighB >= {d['highb_ratio']:g} x gland median, ADC <= {d['adc_ratio']:g} x gland "
         f"median and <= {d['adc_max']:g}, >= {d['min_volume_mm3']:g} mm^3 |",
-        f"| Machine | {s['machine']} |",
+        f"| Machine | {s['machine']}; computed in {s.get('precision', 'the automatic precision')} |",
         f"| Wall time | {s['wall_time_s']:.1f} s |",
         "",
         "Reproduce: `ccella honour --model DIR "
         f"--n {s['n']} --seed {s['seed']} --atlas-seed {s['atlas_seed']} --atlas-n {s['atlas_n']} "
         f"--validation-seed {s['validation_seed']} "
         f"--steps {s['steps']} --sampler {s['sampler']} --guidance {s['guidance']:g}{phantom_args} "
-        f"--handwritten-seeds {s.get('handwritten_seeds', 0)} --decoder {s.get('decoder', 'full')} --out OUT`.",
+        f"--handwritten-seeds {s.get('handwritten_seeds', 0)} --decoder {s.get('decoder', 'full')}{precision} "
+        "--out OUT`.",
     ]
     return "\n".join(lines) + "\n"
 

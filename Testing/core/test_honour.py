@@ -61,7 +61,8 @@ def test_honour_script_on_a_tiny_model(tiny_model, tmp_path, caplog):
     hash_before = model_hash(tiny_model)
     card_before = (tiny_model / "README.md").read_text(encoding="utf-8")
     argv = ["--model", str(tiny_model), "--out", str(out), "--n", "4", "--atlas-n", "4", "--steps", "2",
-            "--device", "cpu", "--no-progress", "--update-card", "--handwritten-seeds", "1", *TINY_PHANTOM]
+            "--device", "cpu", "--no-progress", "--update-card", "--handwritten-seeds", "1", "--precision", "fp32",
+            *TINY_PHANTOM]
     assert _run_cli(argv) == 0
 
     result = json.loads((out / "honour.json").read_text(encoding="utf-8"))
@@ -90,6 +91,7 @@ def test_honour_script_on_a_tiny_model(tiny_model, tmp_path, caplog):
     assert summary["auc"]["positives"] == labels.count(1) and summary["auc"]["negatives"] == labels.count(0)
     assert settings["model_hash"] == hash_before and settings["steps"] == 2 and settings["n"] == 4
     assert settings["sampler"] == "dpm-solver++" and settings["machine"].startswith("CPU")
+    assert settings["precision"] == "float32"  # as asked; auto would be bf16 on a CPU with native bf16
     # the model's other sampling defaults, as applied (the tiny model has no side map: scale 1, no contrast)
     assert settings["side_scale"] == 1.0 and settings["side_contrast"] is False
     assert settings["guidance_interval"] == [0.0, 1.0]
@@ -121,7 +123,8 @@ def test_honour_script_on_a_tiny_model(tiny_model, tmp_path, caplog):
     assert [r["group"] for r in hw["records"]] == [h.group for h in HANDWRITTEN_REPORTS]
     assert hw["summary"]["pirads_4_5"]["lesion_found"]["n"] == 6 and hw["summary"]["pirads_1_2"]["lesion_found"]["n"] == 4
     assert f"| Lesion found, PI-RADS >= 4 reports | {hw['summary']['pirads_4_5']['lesion_found']['count']}" in markdown
-    assert "--handwritten-seeds 1 --decoder full --out OUT" in markdown
+    assert "--handwritten-seeds 1 --decoder full --precision fp32 --out OUT" in markdown
+    assert "; computed in float32 |" in markdown
     # No report text anywhere in the outputs (any 30-character piece of any report).
     outputs = (out / "honour.json").read_text(encoding="utf-8") + markdown
     for text in [case.report for case in cases] + [h.text for h in HANDWRITTEN_REPORTS]:
