@@ -142,7 +142,7 @@ def test_synthesize_and_honour_decode_with_the_chosen_decoder(distilled, data, t
         assert figures[decoder]["settings"]["decoder"] == decoder
         card = (tmp_path / decoder / "honour.md").read_text(encoding="utf-8")
         assert f"| Decoder (generated exams and the autoencoder ceiling) | {decoder} |" in card
-        assert f"--decoder {decoder} --out OUT" in card
+        assert f"--decoder {decoder} --precision " in card and " --out OUT" in card
     # the same exams decoded twice: the class head is the same, the images (and so the anatomy r) are not
     full, light = figures["full"]["records"], figures["light"]["records"]
     assert [r["probability"] for r in full] == [r["probability"] for r in light]
