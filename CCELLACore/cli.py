@@ -52,6 +52,21 @@ def add_decoder_argument(parser: argparse.ArgumentParser, note: str = "") -> Non
                         "auto: light only where the model folder records that it met the quality bar" + note)
 
 
+def add_precision_argument(parser: argparse.ArgumentParser, note: str = "") -> None:
+    """``--precision`` of the jobs that run a model (generate, honour, the Slicer generate job); see
+    :func:`precision_dtype`."""
+    parser.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
+                        help="auto: bf16 where the GPU or CPU has it natively, else fp32" + note)
+
+
+def precision_dtype(name: str):
+    """The torch dtype that a ``--precision`` name asks for; None for ``auto`` (the pipeline then chooses,
+    ``precision.choose_dtype``). torch is imported here, not when the parser is built."""
+    import torch
+
+    return {"auto": None, "fp32": torch.float32, "bf16": torch.bfloat16}[name]
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="ccella",

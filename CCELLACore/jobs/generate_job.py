@@ -21,6 +21,7 @@ import sys
 import traceback
 from pathlib import Path
 
+from ..cli import add_precision_argument, precision_dtype
 from ..errors import CCELLAError
 from .model_info import estimate_gpu_bytes, read_model_info
 from .protocol import ProgressWriter
@@ -58,7 +59,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="output spacing in mm (default: the model's)")
     parser.add_argument("--format", choices=_FORMATS, default="nifti")
     parser.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto")
-    parser.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto")
+    add_precision_argument(parser)
     parser.add_argument("--min-free-gpu-gb", type=float, default=None,
                         help="free GPU memory needed to run on the GPU (default: an estimate from the model size)")
 
@@ -127,13 +128,10 @@ def run(args: argparse.Namespace, writer: ProgressWriter) -> int:
     device = choose_device(args.device, model_dir, writer, args.min_free_gpu_gb)
     # 2. Model
     writer.stage("load_model")
-    import torch
-
     from ..pipelines.generate_cli import write_generation
     from ..pipelines.generation import CCELLAPipeline
 
-    dtype = {"auto": None, "fp32": torch.float32, "bf16": torch.bfloat16}[args.precision]
-    pipe = CCELLAPipeline.from_pretrained(model_dir, device=device, dtype=dtype)
+    pipe = CCELLAPipeline.from_pretrained(model_dir, device=device, dtype=precision_dtype(args.precision))
     steps = args.steps if args.steps is not None else pipe.config.sampling.steps
     # 3.-5. Encode the report, sample (one progress line per step), decode
     writer.stage("encode_report")

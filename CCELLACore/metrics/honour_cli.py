@@ -19,7 +19,7 @@ import argparse
 import logging
 from pathlib import Path
 
-from ..cli import add_decoder_argument, positive_int
+from ..cli import add_decoder_argument, add_precision_argument, positive_int, precision_dtype
 from ..errors import CCELLAError
 from ..fileio import atomic_write_json
 
@@ -58,8 +58,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="seeds per hand-written report (10 reports outside the phantom templates; 0 = skip; "
                              "default 3)")
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
-    parser.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
-                        help="auto: bf16 where the GPU or CPU has it natively, else fp32 (the card names it)")
+    add_precision_argument(parser, " (the card names it)")
     add_decoder_argument(parser, "; it decodes the generated exams and the autoencoder ceiling (gate 2) alike")
     parser.add_argument("--ceiling-only", action="store_true",
                         help="gates 1 and 2 only (real exams, also through the autoencoder; nothing generated): "
@@ -91,10 +90,8 @@ def run(args: argparse.Namespace) -> int:
                           "trained on the latents of its own autoencoder")
     if args.ceiling_only and args.update_card:
         raise CCELLAError("--update-card needs the whole evaluation, not --ceiling-only")
-    import torch
-
-    dtype = {"auto": None, "fp32": torch.float32, "bf16": torch.bfloat16}[args.precision]
-    pipe = CCELLAPipeline.from_pretrained(args.model, device=args.device, dtype=dtype, decoder=args.decoder)
+    pipe = CCELLAPipeline.from_pretrained(args.model, device=args.device, dtype=precision_dtype(args.precision),
+                                          decoder=args.decoder)
     if args.ceiling_only:
         return _run_ceiling(args, pipe, settings)
     result = evaluate_honour(pipe, settings, progress=not args.no_progress,

@@ -15,7 +15,7 @@ import logging
 import re
 from pathlib import Path
 
-from ..cli import add_decoder_argument
+from ..cli import add_decoder_argument, add_precision_argument, precision_dtype
 from ..errors import CCELLAError
 from ..fileio import atomic_write_json, read_json
 from ..reports import ReportError, read_report_file
@@ -56,8 +56,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="output voxel spacing in mm (default: the training set's median)")
     parser.add_argument("--format", choices=sorted(_FORMATS), default="nifti", help="volume file format")
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
-    parser.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
-                        help="auto: bf16 where the GPU or CPU has it natively, else fp32")
+    add_precision_argument(parser)
     add_decoder_argument(parser)
     parser.add_argument("--decode-tile", type=int, nargs=3, metavar=("X", "Y", "Z"), default=None,
                         help="decode in tiles of this many LATENT voxels (e.g. 32 32 32) to cap memory "
@@ -127,9 +126,7 @@ def run(args: argparse.Namespace) -> int:
     if not args.model.is_dir():
         raise CCELLAError(f"{args.model}: model directory not found (train one with ccella train-ldm, or use the "
                           "embedded demo model by leaving out --model)")
-    import torch
-
-    dtype = {"auto": None, "fp32": torch.float32, "bf16": torch.bfloat16}[args.precision]
+    dtype = precision_dtype(args.precision)
     from ..models.light_decoder import DecodeTiling
 
     tiling = DecodeTiling(roi=tuple(args.decode_tile)) if args.decode_tile else None
