@@ -146,8 +146,20 @@ def _run_ceiling(args: argparse.Namespace, pipe, settings: HonourSettings) -> in
     args.out.mkdir(parents=True, exist_ok=True)
     path = atomic_write_json(args.out / "ceiling.json", result)
     _log_gates(ceiling_gates(result))
+    _log_false_regions(result["detector_validity"]["records"])
     print(f"wrote {path}")
     return 0
+
+
+def _log_false_regions(records) -> None:
+    """Each lesion the autoencoder put into a PI-RADS 1-2 exam, read there and in the real exam (case indices only)."""
+    for record in records:
+        if record["group"] != "pirads_1_2":
+            continue
+        for r in record.get("autoencoder_atlas_regions", ()):
+            logger.info("false lesion through the autoencoder, case %d: %.0f mm^3, ADC %.0f (real %.0f), HighB %.2f x "
+                        "the gland (real %.2f)", record["case_index"], r["volume_mm3"], r["adc"], r["real_adc"],
+                        r["highb_ratio"], r["real_highb_ratio"])
 
 
 def _log_gates(gates: list[dict]) -> None:

@@ -14,7 +14,7 @@ from ..data.normalization import denormalize_array, normalize_volume
 from ..data.preprocess import PreprocessConfig, preprocess_exam
 from ..data.study import Exam
 from .honour_cases import GROUPS, EvaluationCase, HonourSettings, pirads_group, rate, report_side
-from .lesion_detector import DetectorThresholds, detect_lesions
+from .lesion_detector import DetectorThresholds, detect_lesions, region_reading
 
 __all__ = ["ANATOMY_MIN_CORRELATION", "VALIDITY_VARIANTS", "AUTOENCODER_VARIANTS", "real_exam_on_grid",
            "model_representation", "grid_reference", "gland_atlas", "anatomy", "detect", "group_rates", "case_base",
@@ -118,17 +118,28 @@ def anatomy(exam: Exam, references: dict[str, np.ndarray]) -> dict[str, Any]:
     return {"anatomy": min(values.values()) >= ANATOMY_MIN_CORRELATION, "anatomy_r": values}
 
 
-def detect(exam: Exam, gland: np.ndarray, truth_side: str | None, thresholds: DetectorThresholds) -> dict[str, Any]:
+def detect(exam: Exam, gland: np.ndarray, truth_side: str | None, thresholds: DetectorThresholds,
+           against: Exam | None = None) -> dict[str, Any]:
+    """The detector's verdict on ``exam``; with ``against`` (another exam on the grid, e.g. the real exam that
+    ``exam`` reconstructs) also ``regions``: each detected region's volume and readings in both exams."""
     detection = detect_lesions(exam, gland, thresholds)
     largest = detection.largest
     side = largest.side if largest is not None else None
-    return {
+    out = {
         "detected": detection.found,
         "detected_side": side,
         "side_correct": (side == truth_side) if (side is not None and truth_side is not None) else None,
         "n_detections": len(detection.lesions),
         "largest_volume_mm3": round(largest.volume_mm3, 1) if largest is not None else 0.0,
     }
+    if against is not None:
+        out["regions"] = []
+        for k, lesion in enumerate(detection.lesions, start=1):
+            adc, highb_ratio = region_reading(against, gland, detection.regions == k)
+            out["regions"].append({"volume_mm3": round(lesion.volume_mm3, 1), "adc": round(lesion.mean_adc, 1),
+                                   "highb_ratio": round(lesion.highb_ratio, 3), "real_adc": round(adc, 1),
+                                   "real_highb_ratio": round(highb_ratio, 3)})
+    return out
 
 
 def group_rates(records: Iterable[dict[str, Any]], key: str = "detected") -> dict[str, Any]:
@@ -176,7 +187,10 @@ def detector_validity(
     ``config.grid``; with ``references`` (:func:`grid_reference`) also the anatomy check on them.
 
     ``reconstruct`` (normalised (S, X, Y, Z) volumes of ``reconstruct_sequences`` -> reconstruction) adds the
-    ``autoencoder`` representation.
+    ``autoencoder`` representation, and per record ``autoencoder_<gland>_regions``: each region detected through
+    the autoencoder with its volume, ADC and HighB ratio there and in the real exam (``real_adc``,
+    ``real_highb_ratio``; the model representation the autoencoder was given), which says whether the
+    autoencoder made a region dark on ADC or bright on HighB that the real exam holds only at the border.
 
     Returns:
         ``{"records": [...], "summary": {"<representation>_<gland>": {group: {"lesion_found": rate}, "side_correct":
@@ -201,9 +215,13 @@ def detector_validity(
             base.update(anatomy(normalised, references))
         record = dict(base)
         for representation, region in variants:
-            result = detect(views[representation], glands[region], base["truth_side"], thresholds)
+            # through the autoencoder, each region is also read in the exam it reconstructs
+            against = views["model"] if representation == "autoencoder" else None
+            result = detect(views[representation], glands[region], base["truth_side"], thresholds, against)
             record[f"{representation}_{region}"] = result["detected"]
             record[f"{representation}_{region}_side"] = result["detected_side"]
+            if against is not None:
+                record[f"{representation}_{region}_regions"] = result["regions"]
         records.append(record)
     summary = {}
     for representation, region in variants:

@@ -36,7 +36,7 @@ from scipy import ndimage
 from ..data.study import Exam
 from ..data.volume import Volume
 
-__all__ = ["DetectorThresholds", "DetectedLesion", "Detection", "detect_lesions"]
+__all__ = ["DetectorThresholds", "DetectedLesion", "Detection", "detect_lesions", "region_reading"]
 
 
 @dataclass(frozen=True)
@@ -67,7 +67,11 @@ class DetectedLesion:
 
 @dataclass
 class Detection:
+    """lesions: largest first; regions: (X, Y, Z) int32 labels on the exam's grid, k > 0 where ``lesions[k - 1]``
+    lies (regions below the minimum volume are 0), or None where nothing was searched (an empty gland)."""
+
     lesions: list[DetectedLesion] = field(default_factory=list)
+    regions: np.ndarray | None = None
 
     @property
     def found(self) -> bool:
@@ -76,6 +80,16 @@ class Detection:
     @property
     def largest(self) -> DetectedLesion | None:
         return max(self.lesions, key=lambda lesion: lesion.volume_mm3, default=None)
+
+
+def region_reading(exam: Exam, gland: np.ndarray, region: np.ndarray) -> tuple[float, float]:
+    """Mean ADC (10^-6 mm^2/s) of ``exam`` over the voxels of ``region`` and its mean HighB as a multiple of the
+    gland's median HighB: a :class:`DetectedLesion`'s ``mean_adc`` and ``highb_ratio``, read in any exam on the same
+    grid (e.g. the real exam under a region detected through the autoencoder)."""
+    highb = np.asarray(exam.volumes["HighB"].array, np.float64)
+    adc = np.asarray(exam.volumes["ADC"].array, np.float64)
+    gland_highb = float(np.median(highb[np.asarray(gland, bool)]))
+    return float(adc[region].mean()), float(highb[region].mean() / max(gland_highb, 1e-6))
 
 
 def detect_lesions(exam: Exam, gland: np.ndarray, thresholds: DetectorThresholds = DetectorThresholds()) -> Detection:
@@ -109,21 +123,22 @@ def detect_lesions(exam: Exam, gland: np.ndarray, thresholds: DetectorThresholds
     labels, n = ndimage.label(candidate, structure=ndimage.generate_binary_structure(3, 1))
     voxel_mm3 = float(np.prod(ref.spacing))
     gland_centre = ref.affine_lps @ np.array([*np.argwhere(gland).mean(0), 1.0])
-    lesions = []
+    found = []  # (lesion, its label in ``labels``)
     for index in range(1, n + 1):
         region = labels == index
         volume = region.sum() * voxel_mm3
         if volume < thresholds.min_volume_mm3:
             continue
         centroid = ref.affine_lps @ np.array([*np.argwhere(region).mean(0), 1.0])
-        lesions.append(
-            DetectedLesion(
-                volume_mm3=float(volume),
-                centroid_lps=tuple(float(c) for c in centroid[:3]),
-                side="left" if centroid[0] > gland_centre[0] else "right",
-                mean_adc=float(adc[region].mean()),
-                highb_ratio=float(highb[region].mean() / max(gland_highb, 1e-6)),
-            )
-        )
-    lesions.sort(key=lambda lesion: -lesion.volume_mm3)
-    return Detection(lesions)
+        found.append((DetectedLesion(
+            volume_mm3=float(volume),
+            centroid_lps=tuple(float(c) for c in centroid[:3]),
+            side="left" if centroid[0] > gland_centre[0] else "right",
+            mean_adc=float(adc[region].mean()),
+            highb_ratio=float(highb[region].mean() / max(gland_highb, 1e-6)),
+        ), index))
+    found.sort(key=lambda item: -item[0].volume_mm3)
+    regions = np.zeros(labels.shape, np.int32)
+    for k, (_, index) in enumerate(found, start=1):
+        regions[labels == index] = k
+    return Detection([lesion for lesion, _ in found], regions)

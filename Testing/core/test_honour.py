@@ -240,6 +240,38 @@ def test_autoencoder_representation_is_the_model_representation_through_reconstr
     assert blurred.volumes["ADC"].array[lesion].mean() > plain.volumes["ADC"].array[lesion].mean() + 50
 
 
+def test_regions_detected_in_one_exam_are_read_in_the_exam_it_reconstructs():
+    """``detect(..., against=real)``: each detected region's ADC and HighB ratio, in the exam searched and in the
+    other exam over the same voxels (the ceiling's records say where the autoencoder made a lesion)."""
+    from CCELLACore.data.study import Exam
+    from CCELLACore.metrics.honour_reference import detect
+    from CCELLACore.metrics.lesion_detector import DetectorThresholds, detect_lesions
+
+    config = load_config("tiny").preprocess.ldm
+    settings = HonourSettings(n=12, atlas_n=8, phantom_size=(32, 32, 16), phantom_spacing=(4.0, 4.0, 4.0))
+    for case in (c for c in evaluation_cases(12, settings.seed) if c.truth.pirads >= 4):
+        raw = real_exam_on_grid(case.index, settings.seed, config, settings)
+        gland = raw.masks["gland"].array > 0
+        detection = detect_lesions(raw, gland)
+        if detection.found:  # in physical units the detector finds most of them (test above)
+            break
+    assert detection.found and detection.regions.shape == gland.shape
+    assert sorted(np.unique(detection.regions)) == list(range(len(detection.lesions) + 1))
+    voxel = float(np.prod(raw.volumes["ADC"].spacing))
+    for k, lesion in enumerate(detection.lesions, start=1):
+        assert (detection.regions == k).sum() * voxel == pytest.approx(lesion.volume_mm3)
+    same = detect(raw, gland, report_side(case.truth), DetectorThresholds(), against=raw)["regions"]
+    assert same and all(r["adc"] == r["real_adc"] and r["highb_ratio"] == r["real_highb_ratio"] for r in same)
+    # ADC 10% darker everywhere: the same regions or larger, each read 10% brighter in the original
+    darker = Exam(volumes={**raw.volumes, "ADC": raw.volumes["ADC"].with_array(raw.volumes["ADC"].array * 0.9)})
+    regions = detect(darker, gland, None, DetectorThresholds(), against=raw)["regions"]
+    assert len(regions) >= 1 and regions[0]["volume_mm3"] >= same[0]["volume_mm3"]
+    for r in regions:
+        assert r["real_adc"] == pytest.approx(r["adc"] / 0.9, rel=1e-3)
+        assert r["real_highb_ratio"] == pytest.approx(r["highb_ratio"], rel=1e-3)
+    assert "regions" not in detect(raw, gland, None, DetectorThresholds())
+
+
 def test_rank_auc_matches_the_pairwise_definition():
     assert rank_auc([0.1, 0.2, 0.8, 0.9], [0, 0, 1, 1]) == 1.0
     assert rank_auc([0.9, 0.8, 0.2, 0.1], [0, 0, 1, 1]) == 0.0
@@ -298,14 +330,15 @@ def test_anatomy_check_passes_real_exams_and_fails_noise():
         assert not result["anatomy"] and max(result["anatomy_r"].values()) < ANATOMY_MIN_CORRELATION / 2
 
 
-def test_ceiling_only_judges_gates_1_and_2_and_a_candidate_autoencoder(tiny_model, tmp_path):
+def test_ceiling_only_judges_gates_1_and_2_and_a_candidate_autoencoder(tiny_model, tmp_path, caplog):
     """``--ceiling-only``: real exams and real exams through an autoencoder, nothing generated; ``--autoencoder``
     puts a candidate in the model's place (the same weights give the same figures; another architecture is judged
     too; another grid is named)."""
     base = ["--model", str(tiny_model), "--n", "4", "--atlas-n", "4", "--device", "cpu", "--no-progress",
             "--ceiling-only", *TINY_PHANTOM]
     own = tmp_path / "own"
-    assert _run_cli([*base, "--out", str(own)]) == 0
+    with caplog.at_level("INFO", logger="CCELLACore"):
+        assert _run_cli([*base, "--out", str(own)]) == 0
     result = json.loads((own / "ceiling.json").read_text(encoding="utf-8"))
     assert sorted(p.name for p in own.iterdir()) == ["ceiling.json"]  # nothing generated, no card section
     assert [g["gate"] for g in ceiling_gates(result)] == [1, 2]
@@ -315,6 +348,14 @@ def test_ceiling_only_judges_gates_1_and_2_and_a_candidate_autoencoder(tiny_mode
     assert settings["seed"] == 1000 and settings["validation_seed"] == 3000
     assert len(result["detector_validity"]["records"]) == len(result["detector_validation"]["records"]) == 4
     assert {"model_atlas", "autoencoder_atlas"} <= set(result["detector_validity"]["summary"])
+    for record in result["detector_validity"]["records"]:  # every region found through the autoencoder, read twice
+        regions = record["autoencoder_atlas_regions"]
+        assert bool(regions) == record["autoencoder_atlas"] and "model_atlas_regions" not in record
+        assert all(set(r) == {"volume_mm3", "adc", "highb_ratio", "real_adc", "real_highb_ratio"} for r in regions)
+    false_regions = sum(len(r["autoencoder_atlas_regions"]) for r in result["detector_validity"]["records"]
+                        if r["group"] == "pirads_1_2")
+    assert false_regions > 0  # the tiny model's untrained-looking autoencoder makes several
+    assert caplog.text.count("false lesion through the autoencoder, case ") == false_regions
     assert result["settings"]["case_indices"] == [c.index for c in evaluation_cases(4, 1000)]
 
     # The model folder holds the autoencoder it embeds: judged as a candidate, the same figures.
